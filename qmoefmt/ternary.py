@@ -1,0 +1,94 @@
+"""Round-to-nearest ternary quantization on QMoE's grid (spec §6), fused for the packer.
+
+Per row: lo = bf16(min(row min, 0)), hi = bf16(max(row max, 0)), rounded to nearest even;
+a weight w becomes lo (symbol 1) if w < lo/2, hi (symbol 2) if w > hi/2, else 0 (symbol
+0), compared in float32. The stored scales are the very values the thresholds used, so
+what decodes is exactly what was chosen.
+"""
+from __future__ import annotations
+
+import numba as nb
+import numpy as np
+
+
+@nb.njit(nogil=True, cache=True)
+def bf16_bits(x):
+    """float32 -> bfloat16 bits, round to nearest even (finite inputs)."""
+    u = np.float32(x).view(np.uint32)
+    return np.uint16((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
+
+
+@nb.njit(nogil=True, cache=True)
+def bf16_value(b):
+    return np.uint32(np.uint32(b) << np.uint32(16)).view(np.float32)
+
+
+@nb.njit(nogil=True, parallel=True, cache=True)
+def _quantize_rows(x, sym, scales, counts, bad):
+    rows, cols = x.shape
+    for r in nb.prange(rows):
+        row = x[r]
+        mn = np.float32(0.0)
+        mx = np.float32(0.0)
+        finite = True
+        for i in range(cols):
+            v = row[i]
+            if not np.isfinite(v):
+                finite = False
+            if v < mn:
+                mn = v
+            if v > mx:
+                mx = v
+        if not finite:
+            bad[r] = 1
+            continue
+        blo = bf16_bits(mn)
+        bhi = bf16_bits(mx)
+        scales[r, 0] = blo
+        scales[r, 1] = bhi
+        tlo = bf16_value(blo) / np.float32(2.0)
+        thi = bf16_value(bhi) / np.float32(2.0)
+        n1 = 0
+        n2 = 0
+        out = sym[r]
+        for i in range(cols):
+            v = row[i]
+            if v < tlo:
+                out[i] = 1
+                n1 += 1
+            elif v > thi:
+                out[i] = 2
+                n2 += 1
+            else:
+                out[i] = 0
+        counts[r, 0] = cols - n1 - n2
+        counts[r, 1] = n1
+        counts[r, 2] = n2
+
+
+class NonFiniteError(ValueError):
+    def __init__(self, row: int):
+        self.row = row
+        super().__init__(f"row {row} holds a NaN or infinity")
+
+
+def quantize_rtn(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """float32 [rows, cols] -> (symbols int8 [rows, cols], scales uint16 [rows, 2] as
+    bf16 bits of (lo, hi), counts int64 [3] of symbols 0, 1, 2)."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    rows, cols = x.shape
+    sym = np.empty((rows, cols), np.int8)
+    scales = np.zeros((rows, 2), np.uint16)
+    counts = np.zeros((rows, 3), np.int64)
+    bad = np.zeros(rows, np.uint8)
+    if rows:
+        _quantize_rows(x, sym, scales, counts, bad)
+    if bad.any():
+        raise NonFiniteError(int(np.argmax(bad)))
+    return sym, scales, counts.sum(axis=0)
+
+
+def scales_to_float(scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """uint16 bf16 bits [rows, 2] -> (lo, hi) float32."""
+    f = (scales.astype(np.uint32) << 16).view(np.float32)
+    return np.ascontiguousarray(f[:, 0]), np.ascontiguousarray(f[:, 1])
