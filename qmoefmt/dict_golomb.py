@@ -37,13 +37,29 @@ def golomb_k(p0: float) -> int:
     return max(0, min(MAX_K, int(math.floor(math.log2(math.log(0.5) / math.log(p0)) + 0.5))))
 
 
+def cross_entropy(p0: float, q: float) -> float:
+    """Bits per symbol a dictionary modelled on P(0) = q costs a source with P(0) = p0
+    (lo and hi equally likely): within a fraction of a percent of the real rate."""
+    p0 = min(max(p0, 1e-9), 1 - 1e-9)
+    return -(p0 * math.log2(q) + (1 - p0) * math.log2((1 - q) / 2))
+
+
 def ladder_point(p0: float) -> float:
     """The ladder P(0) whose model costs a source of true P(0) = p0 the fewest bits."""
-    p0 = min(max(p0, 1e-6), 1 - 1e-6)
+    return min(LADDER, key=lambda q: (cross_entropy(p0, q), q))
 
-    def cross_entropy(q):
-        return -(p0 * math.log(q) + (1 - p0) * math.log((1 - q) / 2))
-    return min(LADDER, key=lambda q: (cross_entropy(q), q))
+
+def choose(p0: float, held: list[float], tolerance: float = 0.01) -> float:
+    """The P(0) of the dictionary to code a tensor with: one the store already holds if
+    it costs at most `tolerance` more than the ideal ladder point, else that point.
+    Dictionaries are ~5 MB, so a store should hold few; the choice depends only on the
+    tensors before this one, so a resumed pack chooses as an uninterrupted one did."""
+    ideal = ladder_point(p0)
+    if held:
+        best = min(held, key=lambda q: (cross_entropy(p0, q), q))
+        if cross_entropy(p0, best) <= (1 + tolerance) * cross_entropy(p0, ideal):
+            return best
+    return ideal
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,8 @@ from . import layout
 from ._version import __version__
 from .checkpoint import open_checkpoint
 from .codec import encode
-from .dict_golomb import build_golomb, ladder_point
+from . import dict_golomb as golomb
+from .dict_golomb import build_golomb
 from .dict_qmoe import build_qmoe2023
 from .errors import QmoeError
 from .selection import ExpertSelector
@@ -78,12 +79,13 @@ def is_expert(selector: ExpertSelector, name: str, shape, dtype: str) -> bool:
     return selector(name) and len(shape) >= 2 and dtype in FLOAT_DTYPES
 
 
-def choose_dictionary(options: PackOptions, counts: np.ndarray):
+def choose_dictionary(options: PackOptions, counts: np.ndarray, held: list[dict]):
     if options.dictionary == "qmoe-2023":
         return build_qmoe2023()
     total = int(counts.sum())
     p0 = counts[0] / total if total else 0.885
-    return build_golomb(ladder_point(float(p0)))
+    held_p0 = [e["params"]["p_zero"] for e in held if e["kind"] == "golomb-v2f"]
+    return build_golomb(golomb.choose(float(p0), held_p0))
 
 
 def _as_rows(a: np.ndarray) -> np.ndarray:
@@ -96,7 +98,7 @@ def _source_sha256(a: np.ndarray) -> str:
 
 
 def pack_tensor(root: Path, path: str, name: str, a: np.ndarray, dtype: str, expert: bool,
-                options: PackOptions, add_dictionary) -> dict:
+                options: PackOptions, writer: StoreWriter) -> dict:
     """Quantize, code and write one tensor's arrays; returns its index record."""
     record = {"name": name, "path": path, "shape": list(a.shape), "dtype": dtype,
               "source_sha256": _source_sha256(a)}
@@ -110,9 +112,9 @@ def pack_tensor(root: Path, path: str, name: str, a: np.ndarray, dtype: str, exp
         sym, scales, counts = quantize_rtn(_as_rows(a))
     except NonFiniteError as e:
         raise PackError(f"tensor {name!r}: {e}; refusing to quantize non-finite weights") from None
-    d = choose_dictionary(options, counts)
+    d = choose_dictionary(options, counts, list(writer.dictionaries.values()))
     codes, row_codes = encode(sym, d)
-    record.update(codec=layout.CODEC_TERNARY, dictionary=add_dictionary(d),
+    record.update(codec=layout.CODEC_TERNARY, dictionary=writer.add_dictionary(d),
                   quantizer={"method": "rtn", "grid": "qmoe-ternary"},
                   symbol_counts=[int(c) for c in counts])
     record["arrays"] = write_arrays(root, path, {
@@ -158,7 +160,7 @@ def pack(input_path, output_path, options: PackOptions, resume: bool = False,
             else:
                 a = src.read()
                 record = pack_tensor(writer.root, path, src.name, a, src.dtype, expert,
-                                     options, writer.add_dictionary)
+                                     options, writer)
                 writer.finish_tensor(record)
                 del a
             records.append(record)

@@ -1,0 +1,180 @@
+"""The `qmoefmt` command.
+
+Exit codes: 0 success (verify: the store is sound and complete); 1 the input or the
+store is bad, or verify found problems (one line each, never a traceback); 2 usage errors
+(click's own). Set QMOEFMT_DEBUG=1 to see tracebacks of unexpected errors.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+
+import click
+from tqdm import tqdm
+
+from qmoefmt import __version__
+from qmoefmt.checkpoint import CheckpointError
+from qmoefmt.errors import QmoeError
+
+
+def _fail(msg: str) -> None:
+    click.echo(f"error: {msg}", err=True)
+    sys.exit(1)
+
+
+def clean_errors(fn):
+    """Bad input is a one-line error and exit 1; so is a bug, flagged as one."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (QmoeError, CheckpointError) as e:
+            _fail(str(e))
+        except OSError as e:
+            _fail(f"{e.filename or ''}: {e.strerror or e}")
+        except (click.exceptions.Exit, click.ClickException, SystemExit, KeyboardInterrupt):
+            raise
+        except Exception as e:  # noqa: BLE001 - the CLI promises no tracebacks
+            if os.environ.get("QMOEFMT_DEBUG"):
+                raise
+            _fail(f"unexpected {type(e).__name__}: {e} (a bug in qmoefmt {__version__}; "
+                  "QMOEFMT_DEBUG=1 shows the traceback)")
+    return wrapper
+
+
+def _bar(total: int, unit: str, desc: str, **kw):
+    return tqdm(total=total, unit=unit, desc=desc, file=sys.stderr, disable=None,
+                dynamic_ncols=True, **kw)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="qmoefmt")
+def main():
+    """Pack, inspect, verify and unpack compressed Mixture-of-Experts stores."""
+
+
+@main.command()
+@click.argument("input_path", metavar="INPUT", type=click.Path(exists=True))
+@click.argument("output", type=click.Path())
+@click.option("--experts", "experts", multiple=True, metavar="GLOB",
+              help="Tensor names to quantize as experts (fnmatch glob, repeatable).")
+@click.option("--preset", type=click.Choice(["switch", "mixtral"]),
+              help="Select the expert weights of a known architecture.")
+@click.option("--dictionary", type=click.Choice(["auto", "qmoe-2023"]), default="auto",
+              show_default=True, help="auto: golomb-v2f fitted per tensor; qmoe-2023: QMoE's.")
+@click.option("--method", type=click.Choice(["rtn"]), default="rtn", show_default=True)
+@click.option("--bits", type=click.Choice(["ternary"]), default="ternary", show_default=True)
+@click.option("--resume", is_flag=True, help="Finish an interrupted pack into OUTPUT.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@clean_errors
+def pack(input_path, output, experts, preset, dictionary, method, bits, resume, as_json):
+    """Pack the checkpoint INPUT (safetensors, .pt/.bin, HDF5) into the store OUTPUT."""
+    from qmoefmt.checkpoint import open_checkpoint
+    from qmoefmt.pack import PackOptions, pack as run_pack
+
+    options = PackOptions(experts=tuple(experts), preset=preset, dictionary=dictionary,
+                          method=method, bits=bits)
+    options.validate()
+    with open_checkpoint(input_path) as ckpt:
+        total = sum(s.nbytes for s in ckpt.tensors())
+    with _bar(total, "B", "pack", unit_scale=True) as bar:
+        s = run_pack(input_path, output, options, resume=resume, progress=bar.update)
+    d = s.as_dict()
+    if as_json:
+        click.echo(json.dumps(d, indent=2))
+        return
+    click.echo(
+        f"packed {s.tensors} tensors ({s.expert_tensors} experts"
+        + (f", {s.resumed_tensors} already done" if s.resumed_tensors else "") + ")\n"
+        f"  params        {s.params:,} ({s.expert_params:,} in experts)\n"
+        f"  source        {s.source_bytes:,} bytes\n"
+        f"  store         {s.store_bytes:,} bytes, {s.bits_per_param:.3f} bits/param\n"
+        f"  vs bf16       {d['ratio_vs_bf16']:.2f}x smaller\n"
+        f"  time          {s.seconds:.2f} s ({s.params / s.seconds / 1e6:.1f} M params/s)\n"
+        f"  dictionaries  {len(s.dictionaries)}")
+
+
+@main.command()
+@click.argument("store", type=click.Path(exists=True))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--all", "show_all", is_flag=True, help="List every tensor (default: first 50).")
+@clean_errors
+def inspect(store, as_json, show_all):
+    """Show a store's format version, completeness and tensors."""
+    import qmoefmt
+    from qmoefmt.inspect import summarize
+
+    s = summarize(qmoefmt.open(store, allow_incomplete=True))
+    if as_json:
+        click.echo(json.dumps(s, indent=2))
+        return
+    click.echo(f"{s['path']}: qmoefmt format {s['format_version']}, "
+               f"{'complete' if s['complete'] else 'INCOMPLETE'}")
+    for d in s["dictionaries"]:
+        click.echo(f"  dictionary {d['id'][:19]}…  {d['kind']} {d['params']}")
+    rows = s["tensors"] if show_all else s["tensors"][:50]
+    width = max([len(t["name"]) for t in rows] + [4])
+    click.echo(f"  {'name':<{width}}  {'shape':<14} {'codec':<20} {'zeros':>6} {'bytes':>12} {'bits/param':>10}")
+    for t in rows:
+        zf = f"{t['zero_fraction']:.3f}" if t["zero_fraction"] is not None else "-"
+        bpp = f"{t['bits_per_param']:.3f}" if t["bits_per_param"] is not None else "-"
+        click.echo(f"  {t['name']:<{width}}  {'x'.join(map(str, t['shape'])) or '()':<14} "
+                   f"{t['codec']:<20} {zf:>6} {t['bytes']:>12,} {bpp:>10}")
+    if len(rows) < len(s["tensors"]):
+        click.echo(f"  ... {len(s['tensors']) - len(rows)} more (--all)")
+    e, tot = s["experts"], s["total"]
+    if e["params"]:
+        click.echo(f"experts: {e['tensors']} tensors, {e['params']:,} params, "
+                   f"{e['bits_per_param']:.3f} bits/param")
+    click.echo(f"total:   {tot['params']:,} params, {tot['bytes']:,} bytes on disk, "
+               f"{tot['bits_per_param'] or 0:.3f} bits/param "
+               f"(dictionaries {s['dictionary_bytes']:,} bytes)")
+
+
+@main.command()
+@click.argument("store", type=click.Path(exists=True))
+@click.option("--deep", is_flag=True, help="Also decode every tensor and check every invariant.")
+@click.option("--json", "as_json", is_flag=True, help="Print {ok, problems} as JSON.")
+@clean_errors
+def verify(store, deep, as_json):
+    """Check a store's checksums and structure; exit 0 only if sound and complete."""
+    import qmoefmt
+    from qmoefmt.verify import verify as run_verify
+
+    try:
+        n = len(qmoefmt.open(store))
+    except QmoeError:
+        n = 0   # verify reports why
+    with _bar(n, "tensor", "verify") as bar:
+        problems = run_verify(store, deep=deep, progress=bar.update)
+    if as_json:
+        click.echo(json.dumps({"ok": not problems, "deep": deep,
+                               "problems": [{"where": p.where, "what": p.what} for p in problems]},
+                              indent=2))
+    else:
+        for p in problems:
+            click.echo(str(p))
+        if not problems:
+            click.echo(f"{store}: ok ({n} tensors{', deep' if deep else ''})")
+    sys.exit(1 if problems else 0)
+
+
+@main.command()
+@click.argument("store", type=click.Path(exists=True))
+@click.argument("output", type=click.Path())
+@clean_errors
+def unpack(store, output):
+    """Write a store's weights to OUTPUT.safetensors, experts dequantized."""
+    import qmoefmt
+    from qmoefmt.unpack import unpack as run_unpack
+
+    st = qmoefmt.open(store)
+    with _bar(len(st), "tensor", "unpack") as bar:
+        n = run_unpack(st, output, progress=bar.update)
+    click.echo(f"wrote {n} tensors to {output}")
+
+
+if __name__ == "__main__":
+    main()

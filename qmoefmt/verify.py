@@ -1,0 +1,160 @@
+"""verify: is a store sound and complete? Every problem comes back as (where, what).
+
+Shallow: the root's self-checksum and version, every other zarr.json against the bytes
+the index implies, every chunk's size and CRC32C, no unexpected files, every dictionary
+valid and matching its content hash, every record consistent. Deep (`deep=True`) also
+decodes every coded tensor, checks the row invariants, the scales, the symbol counts, and
+that re-encoding gives the stored codewords (the stream is canonical).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import layout
+from .codec import encode
+from .dict_golomb import build_golomb
+from .dict_qmoe import build_qmoe2023
+from .errors import FormatError, QmoeError
+from .store_reader import Store, read_root
+from .store_writer import dictionary_group_doc, tensor_group_doc
+
+
+@dataclass(frozen=True)
+class Problem:
+    where: str
+    what: str
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.what}"
+
+
+def _expect_bytes(path: Path, expected: bytes, problems: list, what: str) -> None:
+    try:
+        actual = path.read_bytes()
+    except FileNotFoundError:
+        problems.append(Problem(str(path), "missing"))
+        return
+    if actual != expected:
+        problems.append(Problem(str(path), f"{what} differs from what the index implies "
+                                           "(modified or damaged)"))
+
+
+def _check_arrays(root: Path, node: str, arrays: dict, codec: str | None, dtype: str | None,
+                  problems: list, expected_files: set) -> None:
+    for name, desc in arrays.items():
+        base = root / node / name
+        expected_files.add(base / "zarr.json")
+        try:
+            shape = desc["shape"]
+            ld = layout.logical_dtype(codec, dtype, name) if codec else None
+            _expect_bytes(base / "zarr.json", layout.array_doc(desc["data_type"], shape, ld),
+                          problems, "array metadata")
+            if layout.has_chunk(shape):
+                expected_files.add(base / layout.chunk_key(shape))
+            from .store_reader import check_array_file
+            check_array_file(root, f"{node}/{name}", desc, check_crc=True)
+        except FormatError as e:
+            problems.append(Problem(e.where, e.what))
+        except (KeyError, TypeError):
+            problems.append(Problem(str(base), "malformed array descriptor in the index"))
+
+
+def _canonical_dictionary(entry: dict):
+    kind, params = entry.get("kind"), entry.get("params") or {}
+    if kind == "qmoe-2023":
+        return build_qmoe2023()
+    if kind == "golomb-v2f":
+        return build_golomb(float(params["p_zero"]), int(params["k"]))
+    return None
+
+
+def verify(path, deep: bool = False, progress=None) -> list[Problem]:
+    root = Path(path)
+    problems: list[Problem] = []
+    try:
+        meta = read_root(root)
+    except QmoeError as e:
+        return [Problem(getattr(e, "where", str(root)), getattr(e, "what", str(e)))]
+    if meta.get("complete") is not True:
+        return [Problem(str(root / layout.ROOT_META),
+                        "store is incomplete: its pack did not finish (use pack --resume)")]
+    try:
+        store = Store(root)
+    except QmoeError as e:
+        return [Problem(getattr(e, "where", str(root)), getattr(e, "what", str(e)))]
+
+    expected_files = {root / layout.ROOT_META}
+    for group in (layout.TENSORS, layout.DICTIONARIES):
+        expected_files.add(root / group / "zarr.json")
+        _expect_bytes(root / group / "zarr.json", layout.group_doc(), problems, "group metadata")
+
+    for entry in meta.get("dictionaries", []):
+        node = entry.get("path", "?")
+        expected_files.add(root / node / "zarr.json")
+        _expect_bytes(root / node / "zarr.json", dictionary_group_doc(entry), problems,
+                      "dictionary metadata")
+        _check_arrays(root, node, entry.get("arrays") or {}, None, None, problems, expected_files)
+        try:
+            store.dictionary(entry.get("id"))
+        except FormatError as e:
+            problems.append(Problem(e.where, e.what))
+
+    for name in store:
+        t = store._records[name]
+        node = t["path"]
+        expected_files.add(root / node / "zarr.json")
+        _expect_bytes(root / node / "zarr.json", tensor_group_doc(t), problems, "tensor metadata")
+        _check_arrays(root, node, t["arrays"], t.get("codec"), t.get("dtype"), problems,
+                      expected_files)
+        problems.extend(_check_record(store, name, deep))
+        if progress:
+            progress(1)
+
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and p not in expected_files:
+            problems.append(Problem(str(p), "unexpected file (not part of the store)"))
+    return problems
+
+
+def _check_record(store: Store, name: str, deep: bool) -> list[Problem]:
+    r = store._records[name]
+    where = f"{store.path}/{r['path']}"
+    if r.get("unknown_codec"):
+        return [Problem(where, f"tensor {name!r}: unknown codec {r.get('codec')!r}")]
+    codec = r["codec"]
+    want = {layout.CODEC_TERNARY: set(layout.TERNARY_ARRAYS), layout.CODEC_DENSE: {"data"}}[codec]
+    if set(r["arrays"]) != want:
+        return [Problem(where, f"tensor {name!r}: arrays {sorted(r['arrays'])}, expected {sorted(want)}")]
+    t = store[name]
+    try:
+        if codec == layout.CODEC_DENSE:
+            t.array("data", check_crc=False)
+            return []
+        counts = r.get("symbol_counts")
+        if (not isinstance(counts, list) or len(counts) != 3
+                or sum(c for c in counts if isinstance(c, int)) != int(np.prod(t.shape))):
+            return [Problem(where, f"tensor {name!r}: symbol_counts {counts!r} do not add up "
+                                   f"to {int(np.prod(t.shape))} elements")]
+        codes, row_codes, d = t._coded(check_crc=False)
+        t.scales(check_crc=False)
+        if not deep:
+            return []
+        sym = t.symbols(check_crc=False)
+        got = np.bincount(sym.reshape(-1), minlength=3)[:3]
+        if list(map(int, got)) != counts:
+            return [Problem(where, f"tensor {name!r}: decoded symbol counts {list(map(int, got))} "
+                                   f"!= recorded {counts}")]
+        canon = _canonical_dictionary(store._dict_entries[r["dictionary"]])
+        if canon is not None and canon.content_id == d.content_id:
+            rows, cols = t.rows_cols
+            c2, rc2 = encode(sym.reshape(rows, cols), canon)
+            if not (np.array_equal(c2, codes) and np.array_equal(rc2.astype(np.int64),
+                                                                  np.asarray(row_codes, np.int64))):
+                return [Problem(f"{where}/codes", f"tensor {name!r}: codeword stream is not the "
+                                                  "canonical encoding of its symbols")]
+    except FormatError as e:
+        return [Problem(e.where, e.what)]
+    return []
