@@ -1,0 +1,54 @@
+"""Which checkpoint tensors are expert weights, by fnmatch-style globs on their names.
+
+Globs start with ``*`` so they match under any prefix (``model.``, ``transformer.``);
+callers should still treat only tensors with ndim >= 2 as experts.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Iterable
+
+PRESETS: dict[str, list[str]] = {
+    # encoder.block.1.layer.1.mlp.experts.expert_3.wi.weight (decoder blocks alike);
+    # the router is mlp.router.classifier.weight and stays out.
+    "switch": [
+        "*mlp.experts.expert_*.wi.weight",
+        "*mlp.experts.expert_*.wo.weight",
+    ],
+    # model.layers.0.block_sparse_moe.experts.5.w1.weight; the router is ...block_sparse_moe.gate.
+    "mixtral": [
+        "*block_sparse_moe.experts.*.w1.weight",
+        "*block_sparse_moe.experts.*.w2.weight",
+        "*block_sparse_moe.experts.*.w3.weight",
+    ],
+}
+
+
+class ExpertSelector:
+    """``selector(name)`` is True when the name matches any glob or preset glob.
+
+    With neither globs nor a preset nothing is selected.
+    """
+
+    def __init__(self, globs: Iterable[str] = (), preset: str | None = None) -> None:
+        # A lone string would otherwise be taken as one glob per character.
+        patterns = [globs] if isinstance(globs, str) else list(globs)
+        if preset is not None:
+            if preset not in PRESETS:
+                raise ValueError(f"unknown preset {preset!r}; known presets: {sorted(PRESETS)}")
+            patterns += PRESETS[preset]
+        self.patterns: tuple[str, ...] = tuple(patterns)
+        # Case-sensitive on every platform, unlike fnmatch.fnmatch; one regex for all globs.
+        self._regex = (
+            re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in patterns))
+            if patterns
+            else None
+        )
+
+    def __call__(self, name: str) -> bool:
+        return self._regex is not None and self._regex.match(name) is not None
+
+    def __repr__(self) -> str:
+        return f"ExpertSelector({list(self.patterns)!r})"
