@@ -24,6 +24,7 @@ from typing import Any
 
 import ml_dtypes
 import numpy as np
+from .errors import QmoeError
 
 _DTYPES: dict[str, np.dtype] = {
     "bool": np.dtype("bool"),
@@ -67,7 +68,7 @@ _HDF5_SUFFIXES = (".h5", ".hdf5")
 _INDEX_NAME = "model.safetensors.index.json"
 
 
-class CheckpointError(Exception):
+class CheckpointError(QmoeError):
     """A checkpoint cannot be read; the message names the file and, if any, the tensor."""
 
 
