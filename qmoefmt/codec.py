@@ -57,60 +57,94 @@ def _encode_row_qmoe(sym, trie, out):
     return n + 1
 
 
+_ONES = np.uint64(0xFFFFFFFFFFFFFFFF)
+
+
 @nb.njit(**_SEQ)
-def _encode_row_golomb(sym, child, roots, rec, k, out):
+def _put_bits(buf, pos, value, nbits):
+    """Append nbits (1..63) of value, most significant first, at bit pos (buf zeroed)."""
+    v = np.uint64(value) << np.uint64(64 - nbits)
+    i = pos >> 6
+    off = pos & 63
+    buf[i] |= v >> np.uint64(off)
+    if off + nbits > 64:
+        buf[i + 1] |= v << np.uint64(64 - off)
+    return pos + nbits
+
+
+@nb.njit(**_SEQ)
+def _put_ones(buf, pos, count):
+    while count >= 63:
+        pos = _put_bits(buf, pos, 0x7FFFFFFFFFFFFFFF, 63)
+        count -= 63
+    if count:
+        pos = _put_bits(buf, pos, (1 << count) - 1, count)
+    return pos
+
+
+@nb.njit(**_SEQ)
+def _word(buf, i):
+    # past the row's decisions come U:1 decisions for ever (the infinite zero run)
+    return buf[i] if i < buf.shape[0] else _ONES
+
+
+@nb.njit(**_SEQ)
+def _peek(buf, pos, w):
+    i = pos >> 6
+    off = np.uint64(pos & 63)
+    hi = _word(buf, i) << off
+    if off:
+        hi |= _word(buf, i + 1) >> (np.uint64(64) - off)
+    return np.int64(hi >> np.uint64(64 - w))
+
+
+@nb.njit(**_SEQ)
+def _encode_row_golomb(sym, tab, base, root_w, rec, k, out):
+    """Write the row's Golomb decisions as bits (spec §5.4), then parse them with each
+    state's lookup tables."""
     cols = sym.shape[0]
+    if cols == 0:
+        return 0
+    buf = np.zeros((cols * (k + 2) + (cols >> k) + 128) // 64, np.uint64)
+    pos = 0
+    last = 0
+    for i in range(cols):
+        y = sym[i]
+        if y != 0:
+            run = i - last
+            pos = _put_ones(buf, pos, run >> k)
+            pos = _put_bits(buf, pos, ((run & ((1 << k) - 1)) << 1) | (1 if y == 2 else 0), k + 2)
+            last = i + 1
+    nbits = pos
+    first_free = nbits >> 6
+    if nbits & 63:
+        buf[first_free] |= _ONES >> np.uint64(nbits & 63)
+        first_free += 1
+    for j in range(first_free, buf.shape[0]):
+        buf[j] = _ONES
     state = 0
-    node = roots[0]
     n = 0
     emitted = 0
     pos = 0
-    i = 0
-    while True:
-        # next event: a nonzero at i preceded by a run of i - pos zeros, or the tail
-        while i < cols and sym[i] == 0:
-            i += 1
-        tail = i >= cols
-        run = i - pos
-        # the tail is an infinite run: "m more zeros" until the row is covered
-        n_unary = (run >> k) if not tail else 1 << 62
-        u = 0
-        while u < n_unary:
-            if tail and node == roots[state] and emitted >= cols:
-                return n
-            c = child[node, 1]
-            u += 1
-            if c < 0:
-                code = ~c
-                out[n] = code
-                n += 1
-                e = (state << 16) | code
-                emitted += rec[e, 0]
-                state = rec[e, 1] & 0xFF
-                node = roots[state]
-            else:
-                node = c
-        # U: 0, then the k remainder bits, then the sign
-        for step in range(k + 2):
-            if step == 0:
-                b = 0
-            elif step <= k:
-                b = (run >> (k - step)) & 1
-            else:
-                b = 1 if sym[i] == 2 else 0
-            c = child[node, b]
-            if c < 0:
-                code = ~c
-                out[n] = code
-                n += 1
-                e = (state << 16) | code
-                emitted += rec[e, 0]
-                state = rec[e, 1] & 0xFF
-                node = roots[state]
-            else:
-                node = c
-        i += 1
-        pos = i
+    while not (pos >= nbits and emitted >= cols):
+        t = base[state]
+        w = root_w[state]
+        while True:
+            e = tab[t + _peek(buf, pos, w)]
+            if e >= 0:
+                pos += e >> 16
+                code = e & 0xFFFF
+                break
+            pos += w
+            x = ~e
+            t = x >> 5
+            w = x & 31
+        out[n] = code
+        n += 1
+        r = (state << 16) | code
+        emitted += rec[r, 0]
+        state = rec[r, 1] & 0xFF
+    return n
 
 
 @nb.njit(**_PAR)
@@ -120,9 +154,9 @@ def _encode_rows_qmoe(sym, trie, scratch, counts):
 
 
 @nb.njit(**_PAR)
-def _encode_rows_golomb(sym, child, roots, rec, k, scratch, counts):
+def _encode_rows_golomb(sym, tab, base, root_w, rec, k, scratch, counts):
     for r in nb.prange(sym.shape[0]):
-        counts[r] = _encode_row_golomb(sym[r], child, roots, rec, k, scratch[r])
+        counts[r] = _encode_row_golomb(sym[r], tab, base, root_w, rec, k, scratch[r])
 
 
 @nb.njit(**_PAR)
@@ -149,8 +183,8 @@ def encode(symbols: np.ndarray, d: Dictionary) -> tuple[np.ndarray, np.ndarray]:
         if d.kind == "qmoe-2023":
             _encode_rows_qmoe(sym, d.encoder, scratch, counts)
         else:
-            child, roots = d.encoder
-            _encode_rows_golomb(sym, child, roots, d.runtime_records(),
+            tab, base, root_w = d.encoder
+            _encode_rows_golomb(sym, tab, base, root_w, d.runtime_records(),
                                 int(d.params["k"]), scratch, counts)
     offsets = np.zeros(rows + 1, np.int64)
     np.cumsum(counts, out=offsets[1:])
@@ -164,7 +198,7 @@ def encode(symbols: np.ndarray, d: Dictionary) -> tuple[np.ndarray, np.ndarray]:
 # ---------------------------------------------------------------- decoder
 
 @nb.njit(**_SEQ)
-def _decode_row(codes, start, n, cols, rec, shift, sym_out, f_out, lo, hi, mode):
+def _decode_row(codes, start, n, cols, rec, shift, ns, sym_out, f_out, lo, hi, mode):
     """mode 0: write symbols into sym_out; mode 1: write lo/hi values into f_out (which
     the caller zero-filled). Returns a ROW_* status."""
     state = 0
@@ -173,6 +207,9 @@ def _decode_row(codes, start, n, cols, rec, shift, sym_out, f_out, lo, hi, mode)
         if pos >= cols:
             return 1
         e = (state << 16) | codes[start + j]
+        # the state chain runs through the small next_state table (L2-resident), so the
+        # loads of the large records of successive codewords can overlap
+        state = ns[e]
         mask = (1 << shift) - 1
         for i in range(rec[e, 1] >> 8):
             v = rec[e, 2 + i]
@@ -186,33 +223,32 @@ def _decode_row(codes, start, n, cols, rec, shift, sym_out, f_out, lo, hi, mode)
             else:
                 return 3
         pos += rec[e, 0]
-        state = rec[e, 1] & 0xFF
     if pos < cols:
         return 2
     return 0
 
 
 @nb.njit(**_PAR)
-def _decode_symbols(codes, offsets, cols, rec, shift, out, status):
+def _decode_symbols(codes, offsets, cols, rec, shift, ns, out, status):
     dummy = np.zeros(1, np.float32)
     for r in nb.prange(out.shape[0]):
         status[r] = _decode_row(codes, offsets[r], offsets[r + 1] - offsets[r], cols,
-                                rec, shift, out[r], dummy,
+                                rec, shift, ns, out[r], dummy,
                                 0.0, 0.0, 0)
 
 
 @nb.njit(**_PAR)
-def _decode_values(codes, offsets, cols, rec, shift, lo, hi, out, status):
+def _decode_values(codes, offsets, cols, rec, shift, ns, lo, hi, out, status):
     dummy = np.zeros(1, np.int8)
     for r in nb.prange(out.shape[0]):
         status[r] = _decode_row(codes, offsets[r], offsets[r + 1] - offsets[r], cols,
-                                rec, shift, dummy, out[r],
+                                rec, shift, ns, dummy, out[r],
                                 lo[r], hi[r], 1)
 
 
-def _records(d: Dictionary) -> tuple[np.ndarray, int]:
+def _records(d: Dictionary) -> tuple[np.ndarray, int, np.ndarray]:
     rec = d.runtime_records()
-    return rec, (16 if rec.dtype == np.uint32 else 15)
+    return rec, (16 if rec.dtype == np.uint32 else 15), d.next_state.reshape(-1)
 
 
 def row_offsets(row_codes: np.ndarray, n_codes: int, cols: int, where: str = "tensor") -> np.ndarray:

@@ -20,6 +20,7 @@ import math
 from dataclasses import dataclass
 from functools import lru_cache
 
+import numba as nb
 import numpy as np
 
 from .dictionary import CODEWORDS, Dictionary, tables_from_entries
@@ -129,5 +130,97 @@ def build_golomb(p0: float, k: int | None = None) -> Dictionary:
         entries.append(per_state)
     d = Dictionary(kind="golomb-v2f", params={"p_zero": p0, "k": k},
                    **tables_from_entries(n_states, entries))
-    d.encoder = (child, roots)
+    d.encoder = parse_tables(child, roots)
     return d
+
+
+# ---------------------------------------------------------------- encoder tables
+# The leaves of each state's tree form a complete prefix code over decision bits, and the
+# decisions are fixed by the data alone. So the encoder writes a row's decision bits first
+# and then parses them as inflate parses Huffman codes: multi-level lookup tables, one to
+# three lookups per codeword instead of one dependent load per decision (~18).
+ROOT_BITS = 12
+SUB_BITS = 6
+
+
+@nb.njit(cache=True)
+def _parse_tables(child, roots, root_bits, sub_bits, fill, tab):
+    """Multi-level tables over child/roots. Entry >= 0: leaf, codeword | bits << 16;
+    entry < 0: ~(offset << 5 | width) of a subtable. With fill=False only sizes them."""
+    n = child.shape[0]
+    md = np.zeros(n, np.int32)          # depth of the deepest leaf below each node
+    for v in range(n - 1, -1, -1):      # children are created after their parents
+        a = child[v, 0]
+        b = child[v, 1]
+        da = md[a] if a >= 0 else 0
+        db = md[b] if b >= 0 else 0
+        md[v] = 1 + max(da, db)
+    s_count = roots.shape[0]
+    base = np.zeros(s_count, np.int64)
+    root_w = np.zeros(s_count, np.int64)
+    q_node = np.empty(n + s_count, np.int64)
+    q_off = np.empty(n + s_count, np.int64)
+    q_w = np.empty(n + s_count, np.int64)
+    stack_node = np.empty(64 * 2, np.int64)
+    stack_depth = np.empty(64 * 2, np.int64)
+    stack_prefix = np.empty(64 * 2, np.int64)
+    size = 0
+    qn = 0
+    for s in range(s_count):
+        w = min(root_bits, md[roots[s]])
+        base[s] = size
+        root_w[s] = w
+        q_node[qn] = roots[s]
+        q_off[qn] = size
+        q_w[qn] = w
+        qn += 1
+        size += 1 << w
+    qi = 0
+    while qi < qn:
+        node = q_node[qi]
+        off = q_off[qi]
+        w = q_w[qi]
+        qi += 1
+        sp = 0
+        stack_node[0] = node
+        stack_depth[0] = 0
+        stack_prefix[0] = 0
+        sp = 1
+        while sp > 0:
+            sp -= 1
+            v = stack_node[sp]
+            d = stack_depth[sp]
+            pre = stack_prefix[sp]
+            for br in range(2):
+                c = child[v, br]
+                p2 = pre * 2 + br
+                d2 = d + 1
+                if c < 0:
+                    if fill:
+                        span = 1 << (w - d2)
+                        val = (~c) | (d2 << 16)
+                        for j in range(p2 * span, (p2 + 1) * span):
+                            tab[off + j] = val
+                elif d2 == w:
+                    w2 = min(sub_bits, md[c])
+                    if fill:
+                        tab[off + p2] = ~((size << 5) | w2)
+                    q_node[qn] = c
+                    q_off[qn] = size
+                    q_w[qn] = w2
+                    qn += 1
+                    size += 1 << w2
+                else:
+                    stack_node[sp] = c
+                    stack_depth[sp] = d2
+                    stack_prefix[sp] = p2
+                    sp += 1
+    return size, base, root_w
+
+
+def parse_tables(child: np.ndarray, roots: np.ndarray):
+    """-> (tab, base, root_width): state s's root table is tab[base[s]:][:2**root_width[s]]."""
+    size, _, _ = _parse_tables(child, roots, ROOT_BITS, SUB_BITS, False, np.zeros(1, np.int32))
+    tab = np.zeros(size, np.int32)
+    _, base, root_w = _parse_tables(child, roots, ROOT_BITS, SUB_BITS, True, tab)
+    return tab, base, root_w
