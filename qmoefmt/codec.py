@@ -159,9 +159,10 @@ def _encode_rows_golomb(sym, tab, base, root_w, rec, k, scratch, counts):
         counts[r] = _encode_row_golomb(sym[r], tab, base, root_w, rec, k, scratch[r])
 
 
-@nb.njit(**_PAR)
+@nb.njit(**_SEQ)
 def _compact(scratch, counts, offsets, codes):
-    for r in nb.prange(scratch.shape[0]):
+    # a memcpy of the (small) codes: not worth a parallel region
+    for r in range(scratch.shape[0]):
         o = offsets[r]
         for j in range(counts[r]):
             codes[o + j] = scratch[r, j]

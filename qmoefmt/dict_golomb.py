@@ -23,7 +23,7 @@ from functools import lru_cache
 import numba as nb
 import numpy as np
 
-from .dictionary import CODEWORDS, Dictionary, tables_from_entries
+from .dictionary import CODEWORDS, Dictionary
 
 MAX_K = 12
 # P(0) values a store may hold a dictionary for, evenly spaced in log-odds so that a
@@ -82,6 +82,75 @@ def decisions(p0: float, k: int) -> list[Decision]:
     return out
 
 
+_KMAX = 32
+
+
+@nb.njit(cache=True)
+def _grow_tree(start, p1, ez, es, nx, child, node_base, length, nxt_state, nnz, nz_pos, nz_sym):
+    """One state's tree: 65535 expansions of the most probable leaf (ties: the leaf
+    created first), then its leaves, sorted by decreasing probability and creation order,
+    become the state's codewords. Returns (nodes used, max nnz, a leaf emits nothing)."""
+    maxl = 2 * 65536
+    lp = np.empty(maxl, np.float64)          # -probability, as the heap orders it
+    lst = np.empty(maxl, np.int64)
+    lln = np.empty(maxl, np.int64)
+    lk = np.empty(maxl, np.int64)
+    lzp = np.empty((maxl, _KMAX), np.int64)
+    lzs = np.empty((maxl, _KMAX), np.int64)
+    lpar = np.empty(maxl, np.int64)
+    lbr = np.empty(maxl, np.int64)
+    lp[0] = -1.0
+    lst[0] = start
+    lln[0] = 0
+    lk[0] = 0
+    lpar[0] = -1
+    lbr[0] = 0
+    heap = [(-1.0, 0)]
+    n_created = 1
+    node = node_base
+    for _ in range(65535):
+        negp, lid = heapq.heappop(heap)
+        if lpar[lid] >= 0:
+            child[lpar[lid], lbr[lid]] = node
+        st = lst[lid]
+        for b in range(2):
+            q = 1.0 - p1[st] if b == 0 else p1[st]
+            c = n_created
+            n_created += 1
+            lp[c] = negp * q
+            lst[c] = nx[st, b]
+            lln[c] = lln[lid] + ez[st, b]
+            lk[c] = lk[lid]
+            for i in range(lk[lid]):
+                lzp[c, i] = lzp[lid, i]
+                lzs[c, i] = lzs[lid, i]
+            if es[st, b] != 0:
+                if lk[c] == _KMAX:
+                    return node, _KMAX + 1, False
+                lzp[c, lk[c]] = lln[lid]
+                lzs[c, lk[c]] = es[st, b]
+                lk[c] += 1
+                lln[c] += 1
+            lpar[c] = node
+            lbr[c] = b
+            heapq.heappush(heap, (lp[c], c))
+        node += 1
+    kmax = 0
+    empty = False
+    for code in range(65536):
+        lid = heapq.heappop(heap)[1]       # popping the heap empty sorts the leaves
+        child[lpar[lid], lbr[lid]] = ~code
+        length[code] = lln[lid]
+        empty = empty or lln[lid] == 0
+        nxt_state[code] = lst[lid]
+        nnz[code] = lk[lid]
+        kmax = max(kmax, lk[lid])
+        for i in range(lk[lid]):
+            nz_pos[code, i] = lzp[lid, i]
+            nz_sym[code, i] = lzs[lid, i]
+    return node, kmax, empty
+
+
 @lru_cache(maxsize=8)
 def build_golomb(p0: float, k: int | None = None) -> Dictionary:
     """Greedy Tunstall expansion, per start state, of the most probable leaf (ties: the
@@ -90,46 +159,38 @@ def build_golomb(p0: float, k: int | None = None) -> Dictionary:
         k = golomb_k(p0)
     dec = decisions(p0, k)
     n_states = k + 2
+    p1 = np.array([d.p1 for d in dec], np.float64)
+    ez = np.zeros((n_states, 2), np.int64)   # zeros a branch emits
+    es = np.zeros((n_states, 2), np.int64)   # the nonzero symbol it emits, or 0
+    nx = np.zeros((n_states, 2), np.int64)
+    for st, d in enumerate(dec):
+        for b in range(2):
+            e = d.emit[b]
+            if e is not None and e[0] == "zeros":
+                ez[st, b] = e[1]
+            elif e is not None:
+                es[st, b] = e[1]
+            nx[st, b] = d.next[b]
     # child[node, branch]: >= 0 an internal node, < 0 the leaf codeword ~child.
     child = np.zeros((n_states * (CODEWORDS - 1), 2), np.int32)
     roots = np.zeros(n_states, np.int32)
-    entries = []
-    next_node = 0
-    serial = 0
+    length = np.zeros((n_states, CODEWORDS), np.uint16)
+    nxt = np.zeros((n_states, CODEWORDS), np.uint8)
+    nnz = np.zeros((n_states, CODEWORDS), np.uint8)
+    pos = np.zeros((n_states, CODEWORDS, _KMAX), np.uint16)
+    sym = np.zeros((n_states, CODEWORDS, _KMAX), np.uint8)
+    node, kmax = 0, 1
     for start in range(n_states):
-        # leaf: (-p, serial, state, length, nonzeros, parent node, branch)
-        heap = [(-1.0, 0, start, 0, (), -1, 0)]
-        n_leaves = 1
-        roots[start] = next_node
-        while n_leaves < CODEWORDS:
-            negp, _, st, ln, nz, parent, br = heapq.heappop(heap)
-            node = next_node
-            next_node += 1
-            if parent >= 0:
-                child[parent, br] = node
-            d = dec[st]
-            for b, q in ((0, 1 - d.p1), (1, d.p1)):
-                e = d.emit[b]
-                ln2, nz2 = ln, nz
-                if e is not None and e[0] == "zeros":
-                    ln2 = ln + e[1]
-                elif e is not None:
-                    nz2 = nz + ((ln, e[1]),)
-                    ln2 = ln + 1
-                serial += 1
-                heapq.heappush(heap, (negp * q, serial, d.next[b], ln2, nz2, node, b))
-            n_leaves += 1
-        leaves = sorted(heap)
-        per_state = []
-        for code, (_, _, st, ln, nz, parent, br) in enumerate(leaves):
-            child[parent, br] = ~code
-            if ln == 0:
-                raise ValueError(f"golomb-v2f p0={p0} k={k}: a leaf emits nothing; "
-                                 "k too large for this P(0)")
-            per_state.append((ln, st, nz))
-        entries.append(per_state)
-    d = Dictionary(kind="golomb-v2f", params={"p_zero": p0, "k": k},
-                   **tables_from_entries(n_states, entries))
+        roots[start] = node
+        node, kk, empty = _grow_tree(start, p1, ez, es, nx, child, node, length[start],
+                                     nxt[start], nnz[start], pos[start], sym[start])
+        if kk > _KMAX or empty:
+            raise ValueError(f"golomb-v2f p0={p0} k={k}: an entry has no symbols or more "
+                             f"than {_KMAX} nonzeros")
+        kmax = max(kmax, kk)
+    d = Dictionary(kind="golomb-v2f", params={"p_zero": p0, "k": k}, length=length,
+                   next_state=nxt, nnz=nnz, nz_pos=np.ascontiguousarray(pos[:, :, :kmax]),
+                   nz_sym=np.ascontiguousarray(sym[:, :, :kmax]))
     d.encoder = parse_tables(child, roots)
     return d
 

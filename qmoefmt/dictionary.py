@@ -42,6 +42,7 @@ class Dictionary:
     nz_sym: np.ndarray             # uint8  [S, 65536, K], their symbols (1 = lo, 2 = hi)
     encoder: object = field(default=None, repr=False, compare=False)
     _runtime: object = field(default=None, repr=False, compare=False)
+    _content_id: str | None = field(default=None, repr=False, compare=False)
 
     @property
     def n_states(self) -> int:
@@ -76,11 +77,14 @@ class Dictionary:
 
     @property
     def content_id(self) -> str:
-        """sha256 over the five tables' little-endian bytes, in spec order."""
-        h = hashlib.sha256()
-        for name, dt in TABLES:
-            h.update(np.ascontiguousarray(getattr(self, name), dtype=dt).tobytes())
-        return "sha256:" + h.hexdigest()
+        """sha256 over the five tables' little-endian bytes, in spec order (computed once:
+        tables are not modified after construction)."""
+        if self._content_id is None:
+            h = hashlib.sha256()
+            for name, dt in TABLES:
+                h.update(np.ascontiguousarray(getattr(self, name), dtype=dt).tobytes())
+            self._content_id = "sha256:" + h.hexdigest()
+        return self._content_id
 
     def validate(self, where: str = "dictionary") -> None:
         validate_tables(self.tables(), where)

@@ -79,27 +79,27 @@ def _inverse_cholesky_upper(H: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     factorizations and a full inverse, about half the work.
     """
     flipped, info = torch.linalg.cholesky_ex(H.flip(-2, -1))
-    ok = (info == 0) & torch.isfinite(flipped).all(dim=(-2, -1))
-    flipped = torch.where(ok[:, None, None], flipped, torch.eye(H.shape[-1], dtype=H.dtype, device=H.device))
+    ok = (info == 0) & torch.isfinite(flipped).all(dim=-1).all(dim=-1)
+    flipped[~ok] = torch.eye(H.shape[-1], dtype=H.dtype, device=H.device)
     U = _invert_lower(flipped).flip(-2, -1)
-    ok &= torch.isfinite(U).all(dim=(-2, -1))
+    ok &= torch.isfinite(U).all(dim=-1).all(dim=-1)
     return U, ok
 
 
 def _prepare_hessian(W: torch.Tensor, H: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """Damped, dead-input-fixed Hessian, weights with dead columns zeroed, and statuses."""
-    E, cols = H.shape[0], H.shape[-1]
-    eye = torch.eye(cols, dtype=H.dtype, device=H.device)
-    no_tokens = (H == 0).all(dim=(-2, -1))
+    """Damped, dead-input-fixed copy of H, weights with dead columns zeroed, and statuses."""
+    cols = H.shape[-1]
+    no_tokens = (H == 0).all(dim=-1).all(dim=-1)
+    H = H.clone()  # modified in place below: the batch of Hessians can be large
     diag = H.diagonal(dim1=-2, dim2=-1)
     dead = (diag == 0) & ~no_tokens[:, None]
     # A dead input is always zero, so its row and column of H are zero and it
     # decouples: any positive diagonal works, and its weights never matter.
     W = W.masked_fill(dead[:, None, :], 0.0)
-    H = H + dead.to(H.dtype).diag_embed()
-    H = H + (damp * diag.mean(dim=-1))[:, None, None] * eye
+    damping = damp * diag.mean(dim=-1, keepdim=True)
+    diag.add_(dead.to(H.dtype) + damping)
     # Identity Hessian: the GPTQ loop then leaves the weights alone, i.e. plain RTN.
-    H = torch.where(no_tokens[:, None, None], eye, H)
+    H[no_tokens] = torch.eye(cols, dtype=H.dtype, device=H.device)
     status = [STATUS_NO_TOKENS if n else STATUS_GPTQ for n in no_tokens.tolist()]
     return W, H, status
 
@@ -110,13 +110,17 @@ def _gptq(W: torch.Tensor, H: torch.Tensor, quantize: ColumnQuantizer, block_siz
     original = W.to(torch.float32)
     W, H, status = _prepare_hessian(original, H.to(torch.float32), damp)
     U, ok = _inverse_cholesky_upper(H)
+    del H
     for e in torch.nonzero(~ok).flatten().tolist():
-        warnings.warn(f"GPTQ: Cholesky factorization failed for expert {e}; using round-to-nearest", RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            f"GPTQ: Cholesky factorization failed for expert {e}; using round-to-nearest",
+            RuntimeWarning,
+            stacklevel=3,
+        )
         status[e] = STATUS_CHOLESKY_FAILED
     rtn = torch.tensor([s != STATUS_GPTQ for s in status], device=W.device)
-    eye = torch.eye(H.shape[-1], dtype=H.dtype, device=H.device)
-    U = torch.where(rtn[:, None, None], eye, U)
-    W = torch.where(rtn[:, None, None], original, W).clone()
+    U[rtn] = torch.eye(U.shape[-1], dtype=U.dtype, device=U.device)
+    W[rtn] = original[rtn]
 
     E, rows, cols = W.shape
     codes = None

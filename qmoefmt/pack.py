@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -88,20 +89,33 @@ def choose_dictionary(options: PackOptions, counts: np.ndarray, held: list[dict]
     return build_golomb(golomb.choose(float(p0), held_p0))
 
 
-def _as_rows(a: np.ndarray) -> np.ndarray:
-    cols = a.shape[-1]
-    return np.asarray(a, dtype=np.float32).reshape(-1, cols)
+def _as_rows(a: np.ndarray, dtype: str) -> np.ndarray:
+    """The tensor as float32 rows; bf16 widened by a shift (exact, and numpy releases the
+    GIL for it, unlike ml_dtypes' cast)."""
+    cols = a.shape[-1] if a.ndim else 1
+    if dtype == "bfloat16":
+        f = (a.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+    else:
+        f = np.asarray(a, dtype=np.float32)
+    return f.reshape(-1, cols)
 
 
 def _source_sha256(a: np.ndarray) -> str:
     return hashlib.sha256(memoryview(np.ascontiguousarray(a).reshape(-1).view(np.uint8))).hexdigest()
 
 
-def pack_tensor(root: Path, path: str, name: str, a: np.ndarray, dtype: str, expert: bool,
+def load_source(src, expert: bool):
+    """Read one tensor, hash it and (for experts) widen it: the prefetch thread's work."""
+    a = src.read()
+    return a, _source_sha256(a), (_as_rows(a, src.dtype) if expert else None)
+
+
+def pack_tensor(root: Path, path: str, name: str, loaded, dtype: str, expert: bool,
                 options: PackOptions, writer: StoreWriter) -> dict:
     """Quantize, code and write one tensor's arrays; returns its index record."""
+    a, sha, rows = loaded
     record = {"name": name, "path": path, "shape": list(a.shape), "dtype": dtype,
-              "source_sha256": _source_sha256(a)}
+              "source_sha256": sha}
     if not expert:
         data = a.view(np.uint16) if dtype == "bfloat16" else a
         record["codec"] = layout.CODEC_DENSE
@@ -109,7 +123,7 @@ def pack_tensor(root: Path, path: str, name: str, a: np.ndarray, dtype: str, exp
             "data": (data, layout.logical_dtype(layout.CODEC_DENSE, dtype, "data"))})
         return record
     try:
-        sym, scales, counts = quantize_rtn(_as_rows(a))
+        sym, scales, counts = quantize_rtn(rows)
     except NonFiniteError as e:
         raise PackError(f"tensor {name!r}: {e}; refusing to quantize non-finite weights") from None
     d = choose_dictionary(options, counts, list(writer.dictionaries.values()))
@@ -149,30 +163,45 @@ def pack(input_path, output_path, options: PackOptions, resume: bool = False,
             "source": {"format": ckpt.format, "name": os.path.basename(os.path.normpath(input_path))},
         }
         writer = StoreWriter(output_path, meta, resume=resume)
+        experts = [is_expert(selector, src.name, src.shape, src.dtype) for src in sources]
+        done = [writer.finished_record(p) if resume else None for p in paths]
+        done = [r if r is not None and r.get("name") == src.name else None
+                for r, src in zip(done, sources)]
+        todo = [i for i, r in enumerate(done) if r is None]
         records = []
-        for src, path in zip(sources, paths):
-            expert = is_expert(selector, src.name, src.shape, src.dtype)
-            record = writer.finished_record(path) if resume else None
-            if record is not None and record.get("name") == src.name:
-                if "dictionary" in record:
-                    writer.adopt_dictionary(record["dictionary"])
-                summary.resumed_tensors += 1
-            else:
-                a = src.read()
-                record = pack_tensor(writer.root, path, src.name, a, src.dtype, expert,
-                                     options, writer)
-                writer.finish_tensor(record)
-                del a
-            records.append(record)
-            n = int(np.prod(src.shape))
-            summary.tensors += 1
-            summary.params += n
-            summary.source_bytes += src.nbytes
-            if record["codec"] == layout.CODEC_TERNARY:
-                summary.expert_tensors += 1
-                summary.expert_params += n
-            if progress:
-                progress(src.nbytes)
+        # One tensor is read and hashed ahead while the current one is quantized and
+        # coded: memory stays at two tensors, and the read overlaps the compute.
+        with ThreadPoolExecutor(max_workers=1) as prefetch:
+            pending = {}
+            cursor = 0
+            if todo:
+                pending[todo[0]] = prefetch.submit(load_source, sources[todo[0]], experts[todo[0]])
+            for i, (src, path) in enumerate(zip(sources, paths)):
+                record = done[i]
+                if record is not None:
+                    if "dictionary" in record:
+                        writer.adopt_dictionary(record["dictionary"])
+                    summary.resumed_tensors += 1
+                else:
+                    loaded = pending.pop(i).result()
+                    cursor += 1
+                    if cursor < len(todo):
+                        j = todo[cursor]
+                        pending[j] = prefetch.submit(load_source, sources[j], experts[j])
+                    record = pack_tensor(writer.root, path, src.name, loaded, src.dtype,
+                                         experts[i], options, writer)
+                    writer.finish_tensor(record)
+                    del loaded
+                records.append(record)
+                n = int(np.prod(src.shape))
+                summary.tensors += 1
+                summary.params += n
+                summary.source_bytes += src.nbytes
+                if record["codec"] == layout.CODEC_TERNARY:
+                    summary.expert_tensors += 1
+                    summary.expert_params += n
+                if progress:
+                    progress(src.nbytes)
         writer.commit(records)
     summary.dictionaries = sorted(writer.dictionaries)
     summary.store_bytes = store_size(output_path)

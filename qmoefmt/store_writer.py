@@ -23,15 +23,19 @@ class StoreExistsError(QmoeError):
     pass
 
 
-def _write_file(path: Path, data) -> None:
-    """Write-to-temporary, fsync, rename: a reader never sees a half-written file, and a
-    killed writer leaves only `*.partial.*` files, which resume removes."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+def _write_file(path: Path, data, durable: bool = False, mkdir: bool = True) -> None:
+    """Write-to-temporary and rename: a reader never sees a half-written file, and a
+    killed writer leaves only `*.partial.*` files, which resume removes. Data files are
+    not fsynced one by one (3-4 ms each here, 7 files a tensor): `commit` flushes
+    everything once before it writes the commit marker."""
+    if mkdir:
+        path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.partial.{os.getpid()}")
     with open(tmp, "wb") as f:
         f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+        if durable:
+            f.flush()
+            os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
@@ -40,13 +44,17 @@ def write_array(root: Path, node: str, arr: np.ndarray, logical_dtype: str | Non
     data_type = str(arr.dtype) if arr.dtype != np.bool_ else "bool"
     arr = np.ascontiguousarray(arr, dtype=layout.np_dtype(data_type))
     base = root / node
-    if layout.has_chunk(arr.shape):
+    chunk = base / layout.chunk_key(arr.shape)
+    has_chunk = layout.has_chunk(arr.shape)
+    os.makedirs(chunk.parent if has_chunk else base, exist_ok=True)   # one call for all dirs
+    if has_chunk:
         view = memoryview(arr.reshape(-1).view(np.uint8))
-        _write_file(base / layout.chunk_key(arr.shape), view)
+        _write_file(chunk, view, mkdir=False)
         crc = crc32c(view)
     else:
         crc = crc32c(b"")
-    _write_file(base / "zarr.json", layout.array_doc(data_type, arr.shape, logical_dtype))
+    _write_file(base / "zarr.json", layout.array_doc(data_type, arr.shape, logical_dtype),
+                mkdir=False)
     return {"data_type": data_type, "shape": list(arr.shape), "crc32c": crc}
 
 
@@ -151,7 +159,8 @@ class StoreWriter:
         meta = dict(self.meta, complete=True,
                     dictionaries=[self.dictionaries[c] for c in sorted(used)],
                     tensors=records)
-        _write_file(self.root / layout.ROOT_META, layout.root_doc(meta))
+        os.sync()   # every array and group durable before the marker says complete
+        _write_file(self.root / layout.ROOT_META, layout.root_doc(meta), durable=True)
         fd = os.open(self.root, os.O_RDONLY)
         try:
             os.fsync(fd)
