@@ -12,12 +12,16 @@ import re
 import crc32c as _crc32c
 import numpy as np
 
-FORMAT_VERSION = "1.0"
-FORMAT_MAJOR, FORMAT_MINOR = 1, 0
+FORMAT_VERSION = "1.1"          # the newest version this code reads and writes
+FORMAT_MAJOR, FORMAT_MINOR = 1, 1
 
 CODEC_TERNARY = "qmoe.ternary-dict16"
 CODEC_DENSE = "qmoe.dense"
-KNOWN_CODECS = (CODEC_TERNARY, CODEC_DENSE)
+CODEC_UINT = "qmoe.uint-packed"
+KNOWN_CODECS = (CODEC_TERNARY, CODEC_DENSE, CODEC_UINT)
+# A store declares the lowest version defining every codec it may use (spec §3), so that
+# readers of older minors still open stores that need nothing newer.
+CODEC_SINCE = {CODEC_TERNARY: "1.0", CODEC_DENSE: "1.0", CODEC_UINT: "1.1"}
 
 TENSORS = "tensors"
 DICTIONARIES = "dictionaries"
@@ -33,13 +37,14 @@ STORED_DTYPE = {
 }
 
 TERNARY_ARRAYS = ("codes", "row_codes", "scales")
+UINT_ARRAYS = ("q", "scales", "zeros")
 DICTIONARY_ARRAYS = ("length", "next_state", "nnz", "nz_pos", "nz_sym")
 
 
 def logical_dtype(codec: str, dtype: str, array: str) -> str | None:
     """The logical dtype an array declares in its attributes when its stored data_type
     does not say it: bfloat16 scales, and bfloat16 dense data."""
-    if codec == CODEC_TERNARY and array == "scales":
+    if codec in (CODEC_TERNARY, CODEC_UINT) and array == "scales":
         return "bfloat16"
     if codec == CODEC_DENSE and array == "data" and dtype == "bfloat16":
         return "bfloat16"

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import layout
+from . import layout, uintpack
 from ._version import __version__
 from .checkpoint import open_checkpoint
 from .codec import encode
@@ -40,16 +40,25 @@ class PackOptions:
     preset: str | None = None
     dictionary: str = "auto"          # "auto" (golomb-v2f, fitted per tensor) | "qmoe-2023"
     method: str = "rtn"
-    bits: str = "ternary"
+    bits: str = "ternary"             # "ternary" | "2" | "3" | "4"
+    group_size: int | None = None     # k-bit only: scale/zero per this many columns
 
     def validate(self) -> None:
         if self.dictionary not in ("auto", "qmoe-2023"):
             raise PackError(f"--dictionary must be auto or qmoe-2023, not {self.dictionary!r}")
-        if (self.method, self.bits) != ("rtn", "ternary"):
-            raise PackError(f"--method {self.method} --bits {self.bits} is not supported yet "
-                            "(format 1.0 stores RTN ternary experts)")
+        if self.bits not in ("ternary", "2", "3", "4"):
+            raise PackError(f"--bits must be ternary, 2, 3 or 4, not {self.bits!r}")
+        if self.method != "rtn":
+            raise PackError(f"--method {self.method} is not supported by pack yet")
+        if self.group_size is not None and (self.bits == "ternary" or self.group_size < 1):
+            raise PackError("--group-size needs --bits 2, 3 or 4 and a positive size")
         if not self.experts and not self.preset:
             raise PackError("no experts selected: give --experts GLOB or --preset NAME")
+
+    @property
+    def format_version(self) -> str:
+        codec = layout.CODEC_TERNARY if self.bits == "ternary" else layout.CODEC_UINT
+        return layout.CODEC_SINCE[codec]
 
 
 @dataclass
@@ -122,6 +131,8 @@ def pack_tensor(root: Path, path: str, name: str, loaded, dtype: str, expert: bo
         record["arrays"] = write_arrays(root, path, {
             "data": (data, layout.logical_dtype(layout.CODEC_DENSE, dtype, "data"))})
         return record
+    if options.bits != "ternary":
+        return _pack_uint(root, record, rows, int(options.bits), options.group_size)
     try:
         sym, scales, counts = quantize_rtn(rows)
     except NonFiniteError as e:
@@ -135,6 +146,24 @@ def pack_tensor(root: Path, path: str, name: str, loaded, dtype: str, expert: bo
         "codes": (codes, None),
         "row_codes": (row_codes, None),
         "scales": (scales, layout.logical_dtype(layout.CODEC_TERNARY, dtype, "scales")),
+    })
+    return record
+
+
+def _pack_uint(root: Path, record: dict, rows: np.ndarray, bits: int, group_size: int | None) -> dict:
+    import torch
+
+    from .quantizers import kbit_rtn
+    cols = rows.shape[1]
+    q, scales, zeros = kbit_rtn(torch.from_numpy(rows), bits, group_size)
+    # kbit_rtn's scales are bf16 values already: the top 16 bits are exact
+    scale_bits = (scales.numpy().astype(np.float32).view(np.uint32) >> 16).astype(np.uint16)
+    record.update(codec=layout.CODEC_UINT, bits=bits, group_size=group_size or max(cols, 1),
+                  quantizer={"method": "rtn", "grid": "minmax-asymmetric"})
+    record["arrays"] = write_arrays(root, record["path"], {
+        "q": (uintpack.pack_levels(q.numpy(), bits), None),
+        "scales": (scale_bits, layout.logical_dtype(layout.CODEC_UINT, record["dtype"], "scales")),
+        "zeros": (zeros.numpy().astype(np.uint8), None),
     })
     return record
 
@@ -157,6 +186,7 @@ def pack(input_path, output_path, options: PackOptions, resume: bool = False,
         plan = hashlib.sha256(layout.dumps(
             [[s.name, list(s.shape), s.dtype] for s in sources])).hexdigest()
         meta = {
+            "format_version": options.format_version,
             "writer": {"name": "qmoefmt", "version": __version__},
             "pack": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(options).items()},
             "plan": {"tensors": len(sources), "sha256": plan},

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import layout
+from . import layout, uintpack
 from .codec import decode_symbols, decode_values
 from .dictionary import CODEWORDS, Dictionary, validate_tables
 from .errors import FormatError, IncompleteStoreError, LimitError, VersionError
@@ -166,17 +166,48 @@ class Tensor:
         if name not in arrays:
             raise FormatError(where, f"array {name!r} missing from the index")
         rows, cols = self.rows_cols
-        expect = {
-            "codes": ("uint16", None),
-            "row_codes": (("uint16", "uint32"), (rows,)),
-            "scales": ("uint16", (rows, 2)),
-            "data": (layout.STORED_DTYPE.get(self.dtype, "?"), self.shape),
-        }[name]
+        if self.codec == layout.CODEC_UINT:
+            bits, groups = self._uint_params()
+            expect = {"q": ("uint8", (rows, uintpack.row_bytes(cols, bits))),
+                      "scales": ("uint16", (rows, groups)),
+                      "zeros": ("uint8", (rows, groups))}.get(name)
+        else:
+            expect = {
+                "codes": ("uint16", None),
+                "row_codes": (("uint16", "uint32"), (rows,)),
+                "scales": ("uint16", (rows, 2)),
+                "data": (layout.STORED_DTYPE.get(self.dtype, "?"), self.shape),
+            }.get(name)
+        if expect is None:
+            raise FormatError(where, f"array {name!r} does not belong to codec {self.codec}")
         arr = check_array_file(self._store.path, f"{self.path}/{name}", arrays[name],
                                check_crc, *expect)
         if name == "codes" and (arr.ndim != 1 or arr.shape[0] > rows * cols):
             raise FormatError(f"{where}/codes", f"{arr.shape} codewords for {rows}x{cols} symbols")
         return arr
+
+    def _uint_params(self) -> tuple[int, int]:
+        """(bits, groups) of a uint-packed tensor, validated."""
+        where = f"{self._store.path}/{self.path}"
+        bits, g = self.record.get("bits"), self.record.get("group_size")
+        if bits not in uintpack.BITS:
+            raise FormatError(where, f"bits {bits!r} not one of {uintpack.BITS}")
+        if not isinstance(g, int) or isinstance(g, bool) or g < 1:
+            raise FormatError(where, f"group_size {g!r} is not a positive integer")
+        cols = self.rows_cols[1]
+        return bits, max(1, -(-cols // g))
+
+    def _uint_decoded(self, check_crc: bool):
+        bits, _ = self._uint_params()
+        where = f"{self._store.path}/{self.path}"
+        levels = uintpack.unpack_levels(self.array("q", check_crc), bits, self.rows_cols[1], where)
+        zeros = np.asarray(self.array("zeros", check_crc))
+        if zeros.size and int(zeros.max()) >= (1 << bits):
+            raise FormatError(f"{where}/zeros", f"zero point >= 2**{bits}")
+        scales = (np.asarray(self.array("scales", check_crc), np.uint32) << 16).view(np.float32)
+        if not np.isfinite(scales).all():
+            raise FormatError(f"{where}/scales", "scales must be finite")
+        return levels, scales, zeros
 
     def _coded(self, check_crc: bool):
         if self.codec != layout.CODEC_TERNARY:
@@ -185,6 +216,10 @@ class Tensor:
         return (self.array("codes", check_crc), self.array("row_codes", check_crc), d)
 
     def symbols(self, check_crc: bool = True) -> np.ndarray:
+        """Ternary symbols (0, 1 = lo, 2 = hi) as int8, or the b-bit levels (uint8) of a
+        uint-packed tensor."""
+        if self.codec == layout.CODEC_UINT:
+            return self._uint_decoded(check_crc)[0].reshape(self.shape)
         codes, rc, d = self._coded(check_crc)
         rows, cols = self.rows_cols
         sym = decode_symbols(codes, rc, cols, d, f"{self._store.path}/{self.path}")
@@ -213,6 +248,9 @@ class Tensor:
     def decode(self, check_crc: bool = True) -> np.ndarray:
         if self.codec == layout.CODEC_DENSE:
             return np.asarray(self.numpy(check_crc), dtype=np.float32)
+        if self.codec == layout.CODEC_UINT:
+            levels, scales, zeros = self._uint_decoded(check_crc)
+            return uintpack.dequantize(levels, scales, zeros, self.record["group_size"]).reshape(self.shape)
         codes, rc, d = self._coded(check_crc)
         lo, hi = self.scales(check_crc)
         rows, cols = self.rows_cols

@@ -78,7 +78,7 @@ class StoreWriter:
 
     def __init__(self, path, meta: dict, resume: bool = False):
         self.root = Path(path)
-        self.meta = dict(meta, format_version=layout.FORMAT_VERSION)
+        self.meta = {"format_version": layout.FORMAT_VERSION, **meta}
         self.dictionaries: dict[str, dict] = {}
         root_meta = self.root / layout.ROOT_META
         if self.root.exists() and any(self.root.iterdir()):

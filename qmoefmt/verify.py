@@ -125,13 +125,20 @@ def _check_record(store: Store, name: str, deep: bool) -> list[Problem]:
     if r.get("unknown_codec"):
         return [Problem(where, f"tensor {name!r}: unknown codec {r.get('codec')!r}")]
     codec = r["codec"]
-    want = {layout.CODEC_TERNARY: set(layout.TERNARY_ARRAYS), layout.CODEC_DENSE: {"data"}}[codec]
+    want = {layout.CODEC_TERNARY: set(layout.TERNARY_ARRAYS), layout.CODEC_DENSE: {"data"},
+            layout.CODEC_UINT: set(layout.UINT_ARRAYS)}[codec]
     if set(r["arrays"]) != want:
         return [Problem(where, f"tensor {name!r}: arrays {sorted(r['arrays'])}, expected {sorted(want)}")]
     t = store[name]
     try:
         if codec == layout.CODEC_DENSE:
             t.array("data", check_crc=False)
+            return []
+        if codec == layout.CODEC_UINT:
+            for a in layout.UINT_ARRAYS:
+                t.array(a, check_crc=False)
+            if deep:
+                t._uint_decoded(check_crc=False)
             return []
         counts = r.get("symbol_counts")
         if (not isinstance(counts, list) or len(counts) != 3
