@@ -99,7 +99,7 @@ def _peek(buf, pos, w):
 
 
 @nb.njit(**_SEQ)
-def _encode_row_golomb(sym, tab, base, root_w, rec, k, out):
+def _encode_row_golomb(sym, tab, base, root_w, k, out):
     """Write the row's Golomb decisions as bits (spec §5.4), then parse them with each
     state's lookup tables."""
     cols = sym.shape[0]
@@ -122,28 +122,27 @@ def _encode_row_golomb(sym, tab, base, root_w, rec, k, out):
         first_free += 1
     for j in range(first_free, buf.shape[0]):
         buf[j] = _ONES
+    # The decisions before bit nbits cover the symbols up to the last nonzero; each
+    # padding decision (U:1) covers m more, so coverage needs no table of lengths.
+    m = 1 << k
     state = 0
     n = 0
-    emitted = 0
     pos = 0
-    while not (pos >= nbits and emitted >= cols):
+    while pos < nbits or last + m * (pos - nbits) < cols:
         t = base[state]
         w = root_w[state]
         while True:
             e = tab[t + _peek(buf, pos, w)]
             if e >= 0:
-                pos += e >> 16
-                code = e & 0xFFFF
                 break
             pos += w
             x = ~e
             t = x >> 5
             w = x & 31
-        out[n] = code
+        pos += (e >> 16) & 0x1F
+        out[n] = e & 0xFFFF
         n += 1
-        r = (state << 16) | code
-        emitted += rec[r, 0]
-        state = rec[r, 1] & 0xFF
+        state = e >> 21
     return n
 
 
@@ -154,9 +153,9 @@ def _encode_rows_qmoe(sym, trie, scratch, counts):
 
 
 @nb.njit(**_PAR)
-def _encode_rows_golomb(sym, tab, base, root_w, rec, k, scratch, counts):
+def _encode_rows_golomb(sym, tab, base, root_w, k, scratch, counts):
     for r in nb.prange(sym.shape[0]):
-        counts[r] = _encode_row_golomb(sym[r], tab, base, root_w, rec, k, scratch[r])
+        counts[r] = _encode_row_golomb(sym[r], tab, base, root_w, k, scratch[r])
 
 
 @nb.njit(**_SEQ)
@@ -185,7 +184,7 @@ def encode(symbols: np.ndarray, d: Dictionary) -> tuple[np.ndarray, np.ndarray]:
             _encode_rows_qmoe(sym, d.encoder, scratch, counts)
         else:
             tab, base, root_w = d.encoder
-            _encode_rows_golomb(sym, tab, base, root_w, d.runtime_records(),
+            _encode_rows_golomb(sym, tab, base, root_w,
                                 int(d.params["k"]), scratch, counts)
     offsets = np.zeros(rows + 1, np.int64)
     np.cumsum(counts, out=offsets[1:])

@@ -191,7 +191,7 @@ def build_golomb(p0: float, k: int | None = None) -> Dictionary:
     d = Dictionary(kind="golomb-v2f", params={"p_zero": p0, "k": k}, length=length,
                    next_state=nxt, nnz=nnz, nz_pos=np.ascontiguousarray(pos[:, :, :kmax]),
                    nz_sym=np.ascontiguousarray(sym[:, :, :kmax]))
-    d.encoder = parse_tables(child, roots)
+    d.encoder = parse_tables(child, roots, nxt)
     return d
 
 
@@ -205,9 +205,10 @@ SUB_BITS = 6
 
 
 @nb.njit(cache=True)
-def _parse_tables(child, roots, root_bits, sub_bits, fill, tab):
-    """Multi-level tables over child/roots. Entry >= 0: leaf, codeword | bits << 16;
-    entry < 0: ~(offset << 5 | width) of a subtable. With fill=False only sizes them."""
+def _parse_tables(child, roots, next_state, root_bits, sub_bits, fill, tab):
+    """Multi-level tables over child/roots. Entry >= 0: a leaf, codeword | bits consumed
+    << 16 | next_state << 21 (so the encoder needs no other table); entry < 0:
+    ~(offset << 5 | width) of a subtable. fill=False only sizes them."""
     n = child.shape[0]
     md = np.zeros(n, np.int32)          # depth of the deepest leaf below each node
     for v in range(n - 1, -1, -1):      # children are created after their parents
@@ -220,6 +221,7 @@ def _parse_tables(child, roots, root_bits, sub_bits, fill, tab):
     base = np.zeros(s_count, np.int64)
     root_w = np.zeros(s_count, np.int64)
     q_node = np.empty(n + s_count, np.int64)
+    s_of = np.empty(n + s_count, np.int64)
     q_off = np.empty(n + s_count, np.int64)
     q_w = np.empty(n + s_count, np.int64)
     stack_node = np.empty(64 * 2, np.int64)
@@ -231,6 +233,7 @@ def _parse_tables(child, roots, root_bits, sub_bits, fill, tab):
         w = min(root_bits, md[roots[s]])
         base[s] = size
         root_w[s] = w
+        s_of[qn] = s
         q_node[qn] = roots[s]
         q_off[qn] = size
         q_w[qn] = w
@@ -259,7 +262,8 @@ def _parse_tables(child, roots, root_bits, sub_bits, fill, tab):
                 if c < 0:
                     if fill:
                         span = 1 << (w - d2)
-                        val = (~c) | (d2 << 16)
+                        code = ~c
+                        val = code | (d2 << 16) | (np.int64(next_state[s_of[qi - 1], code]) << 21)
                         for j in range(p2 * span, (p2 + 1) * span):
                             tab[off + j] = val
                 elif d2 == w:
@@ -267,6 +271,7 @@ def _parse_tables(child, roots, root_bits, sub_bits, fill, tab):
                     if fill:
                         tab[off + p2] = ~((size << 5) | w2)
                     q_node[qn] = c
+                    s_of[qn] = s_of[qi - 1]
                     q_off[qn] = size
                     q_w[qn] = w2
                     qn += 1
@@ -279,9 +284,10 @@ def _parse_tables(child, roots, root_bits, sub_bits, fill, tab):
     return size, base, root_w
 
 
-def parse_tables(child: np.ndarray, roots: np.ndarray):
+def parse_tables(child: np.ndarray, roots: np.ndarray, next_state: np.ndarray):
     """-> (tab, base, root_width): state s's root table is tab[base[s]:][:2**root_width[s]]."""
-    size, _, _ = _parse_tables(child, roots, ROOT_BITS, SUB_BITS, False, np.zeros(1, np.int32))
+    size, _, _ = _parse_tables(child, roots, next_state, ROOT_BITS, SUB_BITS, False,
+                               np.zeros(1, np.int32))
     tab = np.zeros(size, np.int32)
-    _, base, root_w = _parse_tables(child, roots, ROOT_BITS, SUB_BITS, True, tab)
+    _, base, root_w = _parse_tables(child, roots, next_state, ROOT_BITS, SUB_BITS, True, tab)
     return tab, base, root_w
