@@ -1,0 +1,83 @@
+"""The committed conformance vectors (fixtures/conformance): every fixture store verifies,
+holds exactly the expected codeword streams, and decodes to the expected symbols and
+values bit for bit. Never regenerate the vectors to make this pass: a mismatch is a bug
+or a format change."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+import qmoefmt
+from qmoefmt import layout
+from qmoefmt.verify import verify
+
+REPO = Path(__file__).resolve().parents[1]
+FIX = REPO / "fixtures"
+MANIFEST = json.loads((FIX / "conformance" / "manifest.json").read_text())
+STORES = sorted(MANIFEST["stores"])
+
+
+def sha256(a) -> str:
+    return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
+
+
+def test_manifest_covers_the_fixture_stores():
+    assert set(STORES) == {"switch-tiny.qmoe", "switch-tiny-qmoe2023.qmoe", "edge.qmoe",
+                           "edge-auto.qmoe"}
+    for store in STORES:
+        st = qmoefmt.open(FIX / store)
+        coded = {n for n in st if st[n].codec == layout.CODEC_TERNARY}
+        assert coded == set(MANIFEST["stores"][store]["tensors"]), store
+    # the streams of qmoe-2023 stores come from the independent reference encoder
+    for store in ("switch-tiny-qmoe2023.qmoe", "edge.qmoe"):
+        for t in MANIFEST["stores"][store]["tensors"].values():
+            assert t["stream_source"] == "reference-encoder" and t["dictionary_kind"] == "qmoe-2023"
+
+
+@pytest.mark.parametrize("store", STORES)
+def test_store_verifies(store):
+    assert verify(FIX / store) == []
+
+
+@pytest.mark.parametrize("store", STORES)
+def test_streams_match_manifest(store):
+    st = qmoefmt.open(FIX / store)
+    for name, want in MANIFEST["stores"][store]["tensors"].items():
+        t = st[name]
+        assert list(t.shape) == want["shape"]
+        assert t.dictionary == want["dictionary"], name
+        codes, row_codes, scales = t.array("codes"), t.array("row_codes"), t.array("scales")
+        assert codes.size == want["n_codes"], name
+        assert sha256(codes) == want["codes_sha256"], name
+        assert str(row_codes.dtype) == want["row_codes_dtype"], name
+        assert sha256(row_codes) == want["row_codes_sha256"], name
+        assert sha256(scales) == want["scales_sha256"], name
+        assert t.record["symbol_counts"] == want["symbol_counts"], name
+    # the dictionary a qmoe-2023 tensor names is the reference's, and the store's tables
+    # hash to it
+    for entry in st.meta["dictionaries"]:
+        assert st.dictionary(entry["id"]).content_id == entry["id"]
+
+
+@pytest.mark.parametrize("store", STORES)
+def test_decode_matches_vectors(store):
+    info = MANIFEST["stores"][store]
+    vectors = load_file(str(FIX / "conformance" / info["vectors"]))
+    st = qmoefmt.open(FIX / store)
+    assert set(vectors) == {f"{n}/{k}" for n in info["tensors"] for k in ("symbols", "values")}
+    for name in info["tensors"]:
+        t = st[name]
+        sym, val = vectors[f"{name}/symbols"], vectors[f"{name}/values"]
+        assert sym.dtype == np.int8 and val.dtype == np.float32
+        got_sym = t.symbols()
+        assert got_sym.shape == sym.shape and got_sym.dtype == np.int8, name
+        assert np.array_equal(got_sym, sym), name
+        got = t.decode()
+        assert got.shape == val.shape and got.dtype == np.float32, name
+        assert got.tobytes() == val.tobytes(), name          # bit for bit, -0.0 included
+        assert [int((sym == s).sum()) for s in range(3)] == info["tensors"][name]["symbol_counts"]
