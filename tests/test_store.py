@@ -511,3 +511,34 @@ def test_unpack(tmp_path, store):
             assert np.array_equal(b.float().numpy(), want), name
             w = rows_of(s.float().numpy())
             assert np.array_equal(rows_of(b.float().numpy()), reference_quantize(w)[2]), name
+
+
+# ------------------------------------------------------------------ tensor paths
+
+def test_tensor_paths_follow_the_spec(tmp_path):
+    """Spec 4.3: unsafe characters -> '_', 180 characters at most, 't' before a leading
+    '__' or an all-period name, '-N' on a case-insensitive clash; readers use the index."""
+    names = ["e/x", "e_x", "E_X", "..", ".", "__init__", "e.\u00e9", "e" * 200,
+             "e" * 200 + "z", "e x"]
+    # a safetensors checkpoint lists its tensors by name (code point order):
+    # ".", "..", "E_X", "__init__", "e x", "e.\u00e9", "e/x", "e_x", "e"*200, "e"*200+"z"
+    want = {".": "t.", "..": "t..", "E_X": "E_X", "__init__": "t__init__", "e x": "e_x-1",
+            "e.\u00e9": "e._", "e/x": "e_x-2", "e_x": "e_x-3", "e" * 200: "e" * 180,
+            "e" * 200 + "z": "e" * 180 + "-1"}
+    rng = np.random.default_rng(3)
+    src = {n: torch.from_numpy(rng.standard_normal((3, 5)).astype(np.float32)).to(torch.bfloat16)
+           for n in names}
+    p = tmp_path / "m.safetensors"
+    save_file(src, str(p))
+    out = tmp_path / "s.qmoe"
+    pack(p, out, PackOptions(experts=("*",), dictionary="qmoe-2023"))
+    st = qmoefmt.open(out)
+    assert list(st) == sorted(names)
+    assert {n: st[n].path for n in st} == {n: f"tensors/{want[n]}" for n in names}
+    for n in names:
+        assert (out / st[n].path / "zarr.json").is_file()
+        w = rows_of(src[n].float().numpy())
+        assert np.array_equal(rows_of(st[n].decode()), reference_quantize(w)[2])
+    raw = (out / "zarr.json").read_bytes()
+    assert raw.isascii() and b"\\u00e9" in raw
+    assert verify(out, deep=True) == []

@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 import qmoefmt
@@ -236,3 +238,184 @@ def test_truncation_and_appending_are_detected(tmp_path, small_store):
         assert verify(store), path
         path.write_bytes(raw)
     assert verify(store) == []
+
+
+# ------------------------------------------------------------------ index defects
+
+def _resign(dst: Path, meta: dict, regroup: bool = True) -> None:
+    """Write the root (checksum recomputed) and every tensor group doc from `meta`."""
+    if regroup:
+        for rec in meta.get("tensors", []):
+            p = dst / rec["path"] / "zarr.json"
+            if isinstance(rec.get("path"), str) and p.parent.is_dir():
+                p.write_bytes(layout.group_doc({"qmoefmt": rec}))
+    (dst / "zarr.json").write_bytes(layout.root_doc(meta))
+
+
+def _odd(meta):
+    return next(r for r in meta["tensors"] if r["name"] == "edge.odd")
+
+
+INDEX_DEFECTS = {
+    # name: (mutate(meta), open/decode error or None, verify problem or None)
+    "huge-shape": (lambda m: _odd(m).update(shape=[2**21, 2**20]), "exceeds", "exceeds"),
+    "negative-dim": (lambda m: _odd(m).update(shape=[-9, -77]), "negative dimension",
+                     "negative dimension"),
+    "long-name": (lambda m: _odd(m).update(name="x" * 4097), "longer than 4096",
+                  "longer than 4096"),
+    "duplicate-name": (lambda m: m["tensors"].append(dict(_odd(m))), "listed twice",
+                       "listed twice"),
+    "unknown-dtype": (lambda m: _odd(m).update(dtype="complex64"), "unknown dtype",
+                      "unknown dtype"),
+    "tensors-not-list": (lambda m: m.update(tensors={}), "not a list", "not a list"),
+    "unknown-dictionary": (lambda m: _odd(m).update(dictionary="sha256:" + "0" * 64),
+                           "unknown dictionary", "unknown dictionary"),
+    "dictionary-path": (lambda m: m["dictionaries"][0].update(path="dictionaries/x"),
+                        "has path", "has path"),
+    "arrays-missing": (lambda m: _odd(m)["arrays"].pop("scales"), "'scales' missing",
+                       "expected ['codes', 'row_codes', 'scales']"),
+    "symbol-counts-sum": (lambda m: _odd(m).update(symbol_counts=[1, 2, 3]), None,
+                          "do not add up"),
+    "unknown-codec": (lambda m: _odd(m).update(codec="acme.future"), "acme.future",
+                      "unknown codec"),
+}
+
+
+@pytest.mark.parametrize("defect", sorted(INDEX_DEFECTS))
+def test_index_defects(tmp_path, defect):
+    mutate, open_err, verify_err = INDEX_DEFECTS[defect]
+    dst = tmp_path / "s.qmoe"
+    shutil.copytree(FIX / "edge.qmoe", dst)
+    meta = json.loads((dst / "zarr.json").read_bytes())["attributes"]["qmoefmt"]
+    mutate(meta)
+    _resign(dst, meta, regroup=defect not in ("long-name", "duplicate-name"))
+    if open_err is None:
+        open_and_decode(dst)
+    else:
+        with pytest.raises(QmoeError) as e:
+            open_and_decode(dst)
+        assert open_err in str(e.value)
+    problems = [str(p) for p in verify(dst)]
+    assert any(verify_err in p for p in problems), problems
+
+
+def test_unknown_codec_refuses_only_that_tensor(tmp_path):
+    """Spec 3: a tensor whose codec is unknown is refused per tensor, not per store."""
+    dst = tmp_path / "s.qmoe"
+    shutil.copytree(FIX / "edge.qmoe", dst)
+    meta = json.loads((dst / "zarr.json").read_bytes())["attributes"]["qmoefmt"]
+    _odd(meta)["codec"] = "acme.future"
+    _resign(dst, meta)
+    st = qmoefmt.open(dst)
+    assert "edge.odd" in st
+    with pytest.raises(QmoeError, match="acme.future"):
+        st["edge.odd"]
+    assert st["edge.row"].decode().shape == (1, 301)
+
+
+def test_newer_minor_version_is_read(tmp_path):
+    """Spec 3: a 1.m reader reads any 1.n store, ignoring members it does not know."""
+    dst = tmp_path / "s.qmoe"
+    shutil.copytree(FIX / "edge.qmoe", dst)
+    meta = json.loads((dst / "zarr.json").read_bytes())["attributes"]["qmoefmt"]
+    meta["format_version"] = "1.99"
+    meta["from_the_future"] = {"x": [1, 2]}
+    _odd(meta)["also_new"] = True
+    _resign(dst, meta)
+    st = qmoefmt.open(dst)
+    assert st.format_version == "1.99"
+    want = qmoefmt.open(FIX / "edge.qmoe")
+    for name in st:
+        if st[name].codec == layout.CODEC_TERNARY:
+            assert np.array_equal(st[name].symbols(), want[name].symbols())
+    assert verify(dst) == []
+
+
+# ------------------------------------------------------------------ malformed indexes
+
+def _set(meta: dict, path: tuple, value) -> None:
+    o = meta
+    for k in path[:-1]:
+        o = o[k]
+    o[path[-1]] = value
+
+
+ODD = "<edge.odd>"     # placeholder for the index of edge.odd's record
+
+# A well-formed JSON root (checksum recomputed) whose index holds a value of the wrong
+# type. The reader must answer with a FormatError, verify with a list of problems;
+# neither may raise anything else (the CLI would call that "a bug in qmoefmt").
+MALFORMED = {
+    # verify: layout.array_doc's int() raises ValueError before the shape is validated
+    "array-shape-string": (("tensors", ODD, "arrays", "scales", "shape", 0), "x"),
+    # Store._index: `dtype not in STORED_DTYPE` raises TypeError (unhashable)
+    "dtype-list": (("tensors", ODD, "dtype"), [1, 2]),
+    # Store.dictionary: `cid in self._dicts` raises TypeError (unhashable)
+    "dictionary-ref-object": (("tensors", ODD, "dictionary"), {}),
+    # verify: `.items()` of a string raises AttributeError
+    "dictionary-arrays-string": (("dictionaries", 0, "arrays"), "x"),
+    # verify: `entry.get` of a bool raises AttributeError
+    "dictionary-entry-bool": (("dictionaries", 0), True),
+    # verify: Path / dict raises TypeError
+    "dictionary-path-object": (("dictionaries", 0, "path"), {}),
+    # check_array_file: chunk c/0/0 under the file c/0 raises NotADirectoryError
+    "codes-shape-2d": (("tensors", ODD, "arrays", "codes", "shape"), [1, 2]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_malformed_index_values_are_format_errors(tmp_path, case):
+    """BUGS (see MALFORMED): verify() and open/decode crash with ValueError, TypeError,
+    AttributeError or NotADirectoryError on wrongly typed index values."""
+    path, value = MALFORMED[case]
+    dst = tmp_path / "s.qmoe"
+    shutil.copytree(FIX / "edge.qmoe", dst)
+    meta = json.loads((dst / "zarr.json").read_bytes())["attributes"]["qmoefmt"]
+    i = next(i for i, r in enumerate(meta["tensors"]) if r["name"] == "edge.odd")
+    _set(meta, tuple(i if k == ODD else k for k in path), value)
+    (dst / "zarr.json").write_bytes(layout.root_doc(meta))
+    problems = verify(dst)                  # must not raise
+    assert problems
+    with pytest.raises(QmoeError):
+        open_and_decode(dst)
+    r = CliRunner().invoke(cli, ["verify", str(dst)])
+    assert r.exit_code == 1 and "unexpected" not in r.output, r.output
+
+
+def _json_paths(o, prefix=()):
+    if prefix:
+        yield prefix
+    if isinstance(o, dict):
+        for k, v in o.items():
+            yield from _json_paths(v, prefix + (k,))
+    elif isinstance(o, list):
+        for i, v in enumerate(o):
+            yield from _json_paths(v, prefix + (i,))
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_fuzzed_index_never_crashes(small_store, data):
+    """Replace one value of the root index (re-signed) by a value of another type."""
+    store = small_store
+    raw0 = (store / "zarr.json").read_bytes()
+    meta = json.loads(raw0)["attributes"]["qmoefmt"]
+    paths = [p for p in _json_paths(meta) if p[0] != "checksum"]
+    path = data.draw(st.sampled_from(paths))
+    value = data.draw(st.sampled_from([None, 0, 5, -1, 1.5, "x", "tensors/x", [], [1, 2], {},
+                                       True, 2**70, {"a": 1}]))
+    _set(meta, path, value)
+    try:
+        (store / "zarr.json").write_bytes(layout.root_doc(meta))
+        try:
+            verify(store, deep=True)
+        except Exception as e:  # noqa: BLE001
+            pytest.fail(f"verify raised {type(e).__name__}: {e} for {path} = {value!r}")
+        try:
+            open_and_decode(store)
+        except QmoeError:
+            pass
+        except Exception as e:  # noqa: BLE001
+            pytest.fail(f"open/decode raised {type(e).__name__}: {e} for {path} = {value!r}")
+    finally:
+        (store / "zarr.json").write_bytes(raw0)
