@@ -7,6 +7,7 @@ machine-dependent choices, so a resumed pack equals an uninterrupted one byte fo
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -102,11 +103,12 @@ def _as_rows(a: np.ndarray, dtype: str) -> np.ndarray:
     """The tensor as float32 rows; bf16 widened by a shift (exact, and numpy releases the
     GIL for it, unlike ml_dtypes' cast)."""
     cols = a.shape[-1] if a.ndim else 1
+    rows = math.prod(a.shape[:-1]) if a.ndim else 1
     if dtype == "bfloat16":
         f = (a.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
     else:
         f = np.asarray(a, dtype=np.float32)
-    return f.reshape(-1, cols)
+    return f.reshape(rows, cols)
 
 
 def _source_sha256(a: np.ndarray) -> str:
@@ -136,7 +138,7 @@ def pack_tensor(root: Path, path: str, name: str, loaded, dtype: str, expert: bo
     try:
         sym, scales, counts = quantize_rtn(rows)
     except NonFiniteError as e:
-        raise PackError(f"tensor {name!r}: {e}; refusing to quantize non-finite weights") from None
+        raise PackError(f"tensor {name!r}: {e}; refusing to quantize it") from None
     d = choose_dictionary(options, counts, list(writer.dictionaries.values()))
     codes, row_codes = encode(sym, d)
     record.update(codec=layout.CODEC_TERNARY, dictionary=writer.add_dictionary(d),

@@ -94,6 +94,26 @@ def _shape(value, where: str, field: str) -> tuple[int, ...]:
     return tuple(value)
 
 
+def _check_node_path(path, group: str, where: str) -> None:
+    """`<group>/<one segment>`, the segment not empty, '.' or '..' (spec §4.3)."""
+    ok = isinstance(path, str) and path.startswith(group + "/")
+    seg = path[len(group) + 1:] if ok else ""
+    if not ok or not seg or "/" in seg or seg in (".", "..") or "\\" in seg:
+        raise FormatError(where, f"bad path {path!r}")
+
+
+def _check_arrays_index(arrays, where: str) -> None:
+    if not isinstance(arrays, dict) or not arrays:
+        raise FormatError(where, "arrays missing")
+    for name, desc in arrays.items():
+        if not isinstance(name, str) or not name or "/" in name or name in (".", ".."):
+            raise FormatError(where, f"bad array name {name!r}")
+        if (not isinstance(desc, dict) or not isinstance(desc.get("data_type"), str)
+                or not isinstance(desc.get("crc32c"), int) or isinstance(desc.get("crc32c"), bool)):
+            raise FormatError(where, f"array {name!r}: malformed descriptor")
+        _shape(desc.get("shape"), f"{where}: array {name!r}", "shape")
+
+
 def check_array_file(root: Path, node: str, desc: dict, check_crc: bool = True,
                      data_type: str | None = None, shape=None) -> np.ndarray:
     """Validate one array's descriptor and chunk file; return it memory-mapped."""
@@ -120,11 +140,16 @@ def check_array_file(root: Path, node: str, desc: dict, check_crc: bool = True,
     nbytes = math.prod(shp) * npdt.itemsize
     try:
         size = chunk.stat().st_size
-    except FileNotFoundError:
+    except OSError:
         raise FormatError(str(chunk), "chunk file missing") from None
+    if not chunk.is_file():
+        raise FormatError(str(chunk), "chunk is not a file")
     if size != nbytes:
         raise FormatError(str(chunk), f"{size} bytes, expected {nbytes} for shape {list(shp)} {dt}")
-    arr = np.memmap(chunk, dtype=npdt, mode="r", shape=shp)
+    if shp == ():
+        arr = np.fromfile(chunk, dtype=npdt, count=1).reshape(())
+    else:
+        arr = np.memmap(chunk, dtype=npdt, mode="r", shape=shp)
     if check_crc and crc32c(memoryview(arr.reshape(-1).view(np.uint8))) != crc:
         raise FormatError(str(chunk), "crc32c mismatch: the data was modified or damaged")
     return arr
@@ -276,9 +301,21 @@ class Store:
             records = self.meta.get("tensors")
         self._records = self._index(records)
         dicts = self.meta.get("dictionaries", [])
-        if not isinstance(dicts, list) or len(dicts) > MAX_DICTIONARIES:
-            raise LimitError(str(self.path / layout.ROOT_META), "dictionaries: bad list or too many")
-        self._dict_entries = {e.get("id"): e for e in dicts if isinstance(e, dict)}
+        where = str(self.path / layout.ROOT_META)
+        if not isinstance(dicts, list):
+            raise FormatError(where, "dictionaries is not a list")
+        if len(dicts) > MAX_DICTIONARIES:
+            raise LimitError(where, f"{len(dicts)} dictionaries, limit is {MAX_DICTIONARIES}")
+        self._dict_entries = {}
+        for i, e in enumerate(dicts):
+            dw = f"{where}: dictionaries[{i}]"
+            if not isinstance(e, dict) or not isinstance(e.get("id"), str):
+                raise FormatError(dw, "not a dictionary entry with a string id")
+            _check_node_path(e.get("path"), layout.DICTIONARIES, dw)
+            _check_arrays_index(e.get("arrays"), dw)
+            if not isinstance(e.get("params", {}), dict) or not isinstance(e.get("kind", ""), str):
+                raise FormatError(dw, "kind/params malformed")
+            self._dict_entries[e["id"]] = e
         self._dicts: dict[str, Dictionary] = {}
 
     def _scan_finished(self) -> list[dict]:
@@ -296,6 +333,8 @@ class Store:
         return out
 
     def _index(self, records) -> dict[str, dict]:
+        """Type-checks every record before anything uses it: a checksummed root can still
+        come from a buggy or hostile writer."""
         where = str(self.path / layout.ROOT_META)
         if not isinstance(records, list):
             raise FormatError(where, "tensors is not a list")
@@ -308,18 +347,24 @@ class Store:
             name = r["name"]
             if len(name.encode()) > MAX_NAME_BYTES:
                 raise LimitError(where, f"tensors[{i}]: name longer than {MAX_NAME_BYTES} bytes")
-            path = r.get("path")
-            if (not isinstance(path, str) or not path.startswith(layout.TENSORS + "/")
-                    or ".." in path.split("/") or path.count("/") != 1):
-                raise FormatError(where, f"tensor {name!r}: bad path {path!r}")
-            _shape(r.get("shape"), f"{where}: tensor {name!r}", "shape")
-            if r.get("codec") not in layout.KNOWN_CODECS:
+            tw = f"{where}: tensor {name!r}"
+            _check_node_path(r.get("path"), layout.TENSORS, tw)
+            _shape(r.get("shape"), tw, "shape")
+            for key in ("codec", "dtype"):
+                if not isinstance(r.get(key), str):
+                    raise FormatError(tw, f"{key} is not a string")
+            if r["dtype"] not in layout.STORED_DTYPE:
+                raise FormatError(tw, f"unknown dtype {r['dtype']!r}")
+            _check_arrays_index(r.get("arrays"), tw)
+            if "dictionary" in r and not isinstance(r["dictionary"], str):
+                raise FormatError(tw, "dictionary is not a string")
+            counts = r.get("symbol_counts")
+            if counts is not None and not (isinstance(counts, list) and len(counts) == 3 and all(
+                    isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts)):
+                raise FormatError(tw, "symbol_counts is not 3 non-negative integers")
+            if r["codec"] not in layout.KNOWN_CODECS:
                 # namespaced codec ids: a newer minor may add codecs; only that tensor is unreadable
                 r = dict(r, unknown_codec=True)
-            if not isinstance(r.get("arrays"), dict):
-                raise FormatError(where, f"tensor {name!r}: arrays missing")
-            if r.get("dtype") not in layout.STORED_DTYPE:
-                raise FormatError(where, f"tensor {name!r}: unknown dtype {r.get('dtype')!r}")
             if name in out:
                 raise FormatError(where, f"tensor {name!r} listed twice")
             out[name] = r

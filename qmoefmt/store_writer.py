@@ -42,7 +42,8 @@ def _write_file(path: Path, data, durable: bool = False, mkdir: bool = True) -> 
 def write_array(root: Path, node: str, arr: np.ndarray, logical_dtype: str | None = None) -> dict:
     """One array: its zarr.json and its single chunk. Returns its index descriptor."""
     data_type = str(arr.dtype) if arr.dtype != np.bool_ else "bool"
-    arr = np.ascontiguousarray(arr, dtype=layout.np_dtype(data_type))
+    # np.require keeps a 0-d array 0-d (ascontiguousarray would make it 1-d)
+    arr = np.require(arr, dtype=layout.np_dtype(data_type), requirements="C")
     base = root / node
     chunk = base / layout.chunk_key(arr.shape)
     has_chunk = layout.has_chunk(arr.shape)

@@ -44,6 +44,9 @@ def _quantize_rows(x, sym, scales, counts, bad):
             continue
         blo = bf16_bits(mn)
         bhi = bf16_bits(mx)
+        if (blo & 0x7FFF) == 0x7F80 or (bhi & 0x7FFF) == 0x7F80:
+            bad[r] = 2          # finite, but its scale would round to infinity in bf16
+            continue
         scales[r, 0] = blo
         scales[r, 1] = bhi
         tlo = bf16_value(blo) / np.float32(2.0)
@@ -67,9 +70,14 @@ def _quantize_rows(x, sym, scales, counts, bad):
 
 
 class NonFiniteError(ValueError):
-    def __init__(self, row: int):
+    """A row that cannot be quantized: it holds a NaN or an infinity, or a value whose
+    bf16 scale would be infinite (|w| beyond bfloat16's largest finite value)."""
+
+    def __init__(self, row: int, beyond_bf16: bool = False):
         self.row = row
-        super().__init__(f"row {row} holds a NaN or infinity")
+        super().__init__(f"row {row} holds a value beyond bfloat16's range (its scale would be "
+                         "infinite)" if beyond_bf16 else
+                         f"row {row} holds a non-finite value (NaN or infinity)")
 
 
 def quantize_rtn(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -84,7 +92,8 @@ def quantize_rtn(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     if rows:
         _quantize_rows(x, sym, scales, counts, bad)
     if bad.any():
-        raise NonFiniteError(int(np.argmax(bad)))
+        r = int(np.argmax(bad != 0))
+        raise NonFiniteError(r, beyond_bf16=bool(bad[r] == 2))
     return sym, scales, counts.sum(axis=0)
 
 
