@@ -158,6 +158,8 @@ def _pack_uint(root: Path, record: dict, rows: np.ndarray, bits: int, group_size
     from .quantizers import kbit_rtn
     cols = rows.shape[1]
     q, scales, zeros = kbit_rtn(torch.from_numpy(rows), bits, group_size)
+    groups = -(-cols // (group_size or max(cols, 1)))   # spec §12: 0 groups for 0 columns
+    scales, zeros = scales[:, :groups], zeros[:, :groups]
     # kbit_rtn's scales are bf16 values already: the top 16 bits are exact
     scale_bits = (scales.numpy().astype(np.float32).view(np.uint32) >> 16).astype(np.uint16)
     record.update(codec=layout.CODEC_UINT, bits=bits, group_size=group_size or max(cols, 1),

@@ -220,7 +220,7 @@ class Tensor:
         if not isinstance(g, int) or isinstance(g, bool) or g < 1:
             raise FormatError(where, f"group_size {g!r} is not a positive integer")
         cols = self.rows_cols[1]
-        return bits, max(1, -(-cols // g))
+        return bits, -(-cols // g)
 
     def _uint_decoded(self, check_crc: bool):
         bits, _ = self._uint_params()

@@ -50,7 +50,15 @@ STORES = {
     "edge.qmoe": ("edge/model.safetensors", ["--experts", "edge.*", "--dictionary", "qmoe-2023"]),
     "edge-auto.qmoe": ("edge/model.safetensors", ["--experts", "edge.*"]),
 }
-OUTPUTS = ["switch-tiny", "edge", *STORES, "conformance", "broken"]
+# Format 1.1 (codec qmoe.uint-packed), added after the 1.0 fixtures: generated separately
+# (--only) so that the 1.0 vectors are never regenerated.
+UINT_STORES = {
+    "switch-tiny-2bit.qmoe": ("switch-tiny/model.safetensors", ["--preset", "switch", "--bits", "2"]),
+    "edge-3bit-g16.qmoe": ("edge/model.safetensors",
+                           ["--experts", "edge.*", "--bits", "3", "--group-size", "16"]),
+}
+OUTPUTS = ["switch-tiny", "edge", *STORES, "conformance", "broken", *UINT_STORES,
+           "conformance-uint"]
 
 
 def _reference():
@@ -177,52 +185,12 @@ def make_edge(path: Path) -> None:
 
 # ------------------------------------------------------------------ packing
 
-# Known qmoefmt bugs the fixtures must not inherit (reported, each with a failing test):
-# the conformance stores are what a spec-conformant writer produces. Both patches change
-# nothing for tensors the bugs do not touch.
-#  1. qmoefmt.pack._as_rows: reshape(-1, cols) raises for an expert whose last dimension
-#     is 0 ("cannot reshape array of size 0 into shape (0)"), so `pack` dies on [16, 0].
-#     Patched by wrapping: a [.., 0] tensor becomes its (rows, 0) float32 matrix.
-#  2. qmoefmt.store_writer.write_array: np.ascontiguousarray turns a 0-d array into shape
-#     [1], so a scalar is stored as [1] (chunk c/0) and its own reader refuses it
-#     ("shape [1], expected []").
-
-def apply_workarounds() -> None:
-    import math
-
-    import qmoefmt.pack as pack_mod
-    import qmoefmt.store_writer as writer_mod
-    from qmoefmt import layout
-
-    original_as_rows = pack_mod._as_rows
-
-    def as_rows(a, *args, **kwargs):
-        if a.ndim >= 1 and a.shape[-1] == 0:
-            return np.zeros((math.prod(a.shape[:-1]), 0), np.float32)
-        return original_as_rows(a, *args, **kwargs)
-
-    original = writer_mod.write_array
-
-    def write_array(root, node, arr, logical_dtype=None):
-        if np.ndim(arr) != 0:
-            return original(root, node, arr, logical_dtype)
-        data_type = str(arr.dtype) if arr.dtype != np.bool_ else "bool"
-        raw = np.asarray(arr, dtype=layout.np_dtype(data_type)).tobytes()
-        base = Path(root) / node
-        writer_mod._write_file(base / layout.chunk_key(()), raw)
-        writer_mod._write_file(base / "zarr.json", layout.array_doc(data_type, (), logical_dtype))
-        return {"data_type": data_type, "shape": [], "crc32c": layout.crc32c(raw)}
-
-    pack_mod._as_rows = as_rows
-    writer_mod.write_array = write_array
-
-
 def pack(store: str) -> None:
-    """`qmoefmt pack CKPT STORE ARGS...`, run in-process so the workarounds apply."""
+    """`qmoefmt pack CKPT STORE ARGS...`, run in-process."""
     import os
 
     from qmoefmt_cli.main import main as cli
-    ckpt, args = STORES[store]
+    ckpt, args = {**STORES, **UINT_STORES}[store]
     argv = ["pack", f"fixtures/{ckpt}", f"fixtures/{store}", *args]
     print("$ qmoefmt", " ".join(argv), flush=True)
     cwd = os.getcwd()
@@ -625,27 +593,112 @@ def make_broken(ref) -> None:
     (root / "cases.json").write_text(json.dumps(cases, indent=1, sort_keys=True) + "\n")
 
 
+# ------------------------------------------------------------------ format 1.1
+
+def reference_kbit(w: np.ndarray, bits: int, group: int):
+    """Spec section 12's min-max grid in plain numpy, float32 throughout."""
+    rows, cols = w.shape
+    maxq = np.float32((1 << bits) - 1)
+    groups = -(-cols // group)              # 0 groups for 0 columns
+    q = np.zeros((rows, cols), np.uint8)
+    scales = np.zeros((rows, groups), np.float32)
+    zeros = np.zeros((rows, groups), np.uint8)
+    for g in range(groups):
+        x = w[:, g * group:(g + 1) * group].astype(np.float32)
+        if x.shape[1] == 0:
+            xmin = xmax = np.zeros(rows, np.float32)
+        else:
+            xmin = np.minimum(x.min(axis=1), np.float32(0))
+            xmax = np.maximum(x.max(axis=1), np.float32(0))
+        sc = ((xmax - xmin) / maxq).astype(np.float32)
+        sc = np.where((xmin == 0) & (xmax == 0), np.float32(1), sc)
+        sc = sc.astype(ml_dtypes.bfloat16).astype(np.float32)
+        z = np.clip(np.round(-xmin / sc), 0, maxq).astype(np.float32)
+        qq = np.clip(np.round(x / sc[:, None]) + z[:, None], 0, maxq)
+        q[:, g * group:(g + 1) * group] = qq.astype(np.uint8)
+        scales[:, g] = sc
+        zeros[:, g] = z.astype(np.uint8)
+    gi = np.arange(cols) // group
+    values = (scales[:, gi] * (q.astype(np.float32) - zeros[:, gi].astype(np.float32))).astype(np.float32)
+    return q, scales, zeros, values
+
+
+def make_conformance_uint() -> None:
+    """Levels and values of every uint-packed tensor, from reference_kbit, and the sha256 of
+    the packed q bytes each store must hold."""
+    from qmoefmt import uintpack
+    out = FIX / "conformance-uint"
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = {"description": "Expected levels/values (plain-numpy grid of spec section 12 "
+                               "on the source checkpoint) and packed q bytes of every "
+                               "qmoe.uint-packed tensor of the 1.1 fixture stores.", "stores": {}}
+    mismatches = []
+    for store_name, (ckpt, _) in UINT_STORES.items():
+        store = FIX / store_name
+        source = load_torch(str(FIX / ckpt))
+        meta = store_root(store)
+        vectors, entries = {}, {}
+        for rec in meta["tensors"]:
+            if rec["codec"] != "qmoe.uint-packed":
+                continue
+            name = rec["name"]
+            w = source[name].float().numpy()
+            shape = tuple(w.shape)
+            cols = shape[-1]
+            rows = int(np.prod(shape[:-1]))
+            q, scales, zeros, values = reference_kbit(w.reshape(rows, cols), rec["bits"],
+                                                      rec["group_size"])
+            vectors[f"{name}/levels"] = np.ascontiguousarray(q.reshape(shape))
+            vectors[f"{name}/values"] = np.ascontiguousarray(values.reshape(shape))
+            packed = uintpack.pack_levels(q, rec["bits"])
+            entry = {"shape": list(shape), "bits": rec["bits"], "group_size": rec["group_size"],
+                     "q_sha256": sha256(packed), "zeros_sha256": sha256(zeros),
+                     "scales_sha256": sha256((scales.view(np.uint32) >> 16).astype("<u2"))}
+            entries[name] = entry
+            got = {"q_sha256": sha256(read_chunk(store, rec, "q")),
+                   "zeros_sha256": sha256(read_chunk(store, rec, "zeros")),
+                   "scales_sha256": sha256(read_chunk(store, rec, "scales"))}
+            for k, v in got.items():
+                if entry[k] != v:
+                    mismatches.append(f"{store_name}: {name}: {k} differs from the reference")
+        save_numpy(vectors, str(out / f"{store_name.removesuffix('.qmoe')}.safetensors"),
+                   metadata={"store": store_name})
+        manifest["stores"][store_name] = {"vectors": f"{store_name.removesuffix('.qmoe')}.safetensors",
+                                          "checkpoint": ckpt, "tensors": entries}
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    if mismatches:
+        sys.exit("the packer disagrees with the reference grid:\n" + "\n".join(mismatches))
+
+
 # ------------------------------------------------------------------ main
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--force", action="store_true", help="delete and regenerate existing outputs")
+    ap.add_argument("--only", nargs="+", choices=OUTPUTS, help="generate only these outputs")
     args = ap.parse_args()
-    existing = [o for o in OUTPUTS if (FIX / o).exists()]
+    existing = [o for o in (args.only or OUTPUTS) if (FIX / o).exists()]
     if existing and not args.force:
         sys.exit(f"refusing to overwrite existing fixtures ({', '.join(existing)}); "
                  "they are committed conformance vectors. Use --force to regenerate.")
     for o in existing:
         shutil.rmtree(FIX / o)
     ref = _reference()
-    make_switch_tiny(FIX / "switch-tiny" / "model.safetensors")
-    make_edge(FIX / "edge" / "model.safetensors")
-    apply_workarounds()
-    for store in STORES:
-        pack(store)
-        check_store(store)
-    make_conformance(ref)
-    make_broken(ref)
+    todo = set(args.only or OUTPUTS)
+    if "switch-tiny" in todo:
+        make_switch_tiny(FIX / "switch-tiny" / "model.safetensors")
+    if "edge" in todo:
+        make_edge(FIX / "edge" / "model.safetensors")
+    for store in [*STORES, *UINT_STORES]:
+        if store in todo:
+            pack(store)
+            check_store(store)
+    if "conformance" in todo:
+        make_conformance(ref)
+    if "broken" in todo:
+        make_broken(ref)
+    if "conformance-uint" in todo:
+        make_conformance_uint()
     print("done")
 
 

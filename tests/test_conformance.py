@@ -81,3 +81,35 @@ def test_decode_matches_vectors(store):
         assert got.shape == val.shape and got.dtype == np.float32, name
         assert got.tobytes() == val.tobytes(), name          # bit for bit, -0.0 included
         assert [int((sym == s).sum()) for s in range(3)] == info["tensors"][name]["symbol_counts"]
+
+
+# ---------------------------------------------------------------- format 1.1: uint-packed
+MANIFEST_UINT = json.loads((FIX / "conformance-uint" / "manifest.json").read_text())
+UINT_STORES = sorted(MANIFEST_UINT["stores"])
+
+
+def test_uint_manifest_covers_the_stores():
+    assert set(UINT_STORES) == {"switch-tiny-2bit.qmoe", "edge-3bit-g16.qmoe"}
+    for store in UINT_STORES:
+        st = qmoefmt.open(FIX / store)
+        assert st.format_version == "1.1"
+        coded = {n for n in st if st[n].codec == layout.CODEC_UINT}
+        assert coded == set(MANIFEST_UINT["stores"][store]["tensors"]), store
+
+
+@pytest.mark.parametrize("store", UINT_STORES)
+def test_uint_store_matches_vectors(store):
+    assert verify(FIX / store, deep=True) == []
+    st = qmoefmt.open(FIX / store)
+    entry = MANIFEST_UINT["stores"][store]
+    vectors = load_file(str(FIX / "conformance-uint" / entry["vectors"]))
+    for name, exp in entry["tensors"].items():
+        t = st[name]
+        assert (t.record["bits"], t.record["group_size"]) == (exp["bits"], exp["group_size"])
+        assert sha256(t.array("q")) == exp["q_sha256"], name
+        assert sha256(t.array("zeros")) == exp["zeros_sha256"], name
+        assert sha256(t.array("scales")) == exp["scales_sha256"], name
+        assert np.array_equal(t.symbols(), vectors[f"{name}/levels"]), name
+        got = t.decode()
+        assert got.dtype == np.float32
+        assert np.array_equal(got.view(np.uint32), vectors[f"{name}/values"].view(np.uint32)), name
