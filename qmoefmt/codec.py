@@ -199,8 +199,12 @@ def encode(symbols: np.ndarray, d: Dictionary) -> tuple[np.ndarray, np.ndarray]:
 
 @nb.njit(**_SEQ)
 def _decode_row(codes, start, n, cols, rec, shift, ns, sym_out, f_out, lo, hi, mode):
-    """mode 0: write symbols into sym_out; mode 1: write lo/hi values into f_out (which
-    the caller zero-filled). Returns a ROW_* status."""
+    """mode 0: write symbols into sym_out; mode 1: write lo/hi values into f_out. The row
+    is zeroed here, just before the scatter, while it is in cache. Returns a ROW_* status."""
+    if mode == 0:
+        sym_out[:] = 0
+    else:
+        f_out[:] = 0
     state = 0
     pos = 0
     for j in range(n):
@@ -279,7 +283,7 @@ def decode_symbols(codes: np.ndarray, row_codes: np.ndarray, cols: int, d: Dicti
     """-> int8 [rows, cols] symbols. The dictionary must have been validated."""
     rows = np.asarray(row_codes).shape[0]
     offsets = row_offsets(row_codes, codes.shape[0], cols, where)
-    out = np.zeros((rows, cols), np.int8)
+    out = np.zeros((rows, cols), np.int8) if not (rows and cols) else np.empty((rows, cols), np.int8)
     status = np.zeros(rows, np.uint8)
     if rows and cols:
         _decode_symbols(codes, offsets, cols, *_records(d), out, status)
@@ -296,11 +300,9 @@ def decode_values(codes: np.ndarray, row_codes: np.ndarray, cols: int, d: Dictio
     rows = np.asarray(row_codes).shape[0]
     offsets = row_offsets(row_codes, codes.shape[0], cols, where)
     if out is None:
-        out = np.zeros((rows, cols), np.float32)
-    else:
-        if out.shape != (rows, cols) or out.dtype != np.float32:
-            raise ValueError(f"out must be float32 {(rows, cols)}")
-        out.fill(0)
+        out = np.empty((rows, cols), np.float32)
+    elif out.shape != (rows, cols) or out.dtype != np.float32:
+        raise ValueError(f"out must be float32 {(rows, cols)}")
     status = np.zeros(rows, np.uint8)
     if rows and cols:
         _decode_values(codes, offsets, cols, *_records(d),
