@@ -198,13 +198,19 @@ def encode(symbols: np.ndarray, d: Dictionary) -> tuple[np.ndarray, np.ndarray]:
 # ---------------------------------------------------------------- decoder
 
 @nb.njit(**_SEQ)
-def _decode_row(codes, start, n, cols, rec, shift, ns, sym_out, f_out, lo, hi, mode):
+def _decode_row(codes, start, n, cols, rec, lb, kb, s0, sp, ns, sym_out, f_out, lo, hi, mode):
     """mode 0: write symbols into sym_out; mode 1: write lo/hi values into f_out. The row
     is zeroed here, just before the scatter, while it is in cache. Returns a ROW_* status."""
     if mode == 0:
         sym_out[:] = 0
     else:
         f_out[:] = 0
+    one = np.uint64(1)
+    lmask = (one << np.uint64(lb)) - one
+    kmask = (one << np.uint64(kb)) - one
+    ulb = np.uint64(lb)
+    width = np.uint64(lb + 1)
+    head = np.uint64(lb + kb)
     state = 0
     pos = 0
     for j in range(n):
@@ -212,47 +218,55 @@ def _decode_row(codes, start, n, cols, rec, shift, ns, sym_out, f_out, lo, hi, m
             return 1
         e = (state << 16) | codes[start + j]
         # the state chain runs through the small next_state table (L2-resident), so the
-        # loads of the large records of successive codewords can overlap
+        # loads of the records of successive codewords can overlap
         state = ns[e]
-        mask = (1 << shift) - 1
-        for i in range(rec[e, 1] >> 8):
-            v = rec[e, 2 + i]
-            p = pos + (v & mask)
-            y = 1 + (v >> shift)
-            if p < cols:
-                if mode == 0:
-                    sym_out[p] = y
-                else:
-                    f_out[p] = lo if y == 1 else hi
-            else:
+        x = rec[e, 0]
+        length = np.int64(x & lmask)
+        nnz = np.int64((x >> ulb) & kmask)
+        x >>= head
+        left = s0
+        word = 0
+        for _ in range(nnz):
+            if left == 0:
+                word += 1
+                x = rec[e, word]
+                left = sp
+            p = pos + np.int64(x & lmask)
+            is_hi = (x >> ulb) & one
+            x >>= width
+            left -= 1
+            if p >= cols:
                 return 3
-        pos += rec[e, 0]
+            if mode == 0:
+                sym_out[p] = 2 if is_hi else 1
+            else:
+                f_out[p] = hi if is_hi else lo
+        pos += length
     if pos < cols:
         return 2
     return 0
 
 
 @nb.njit(**_PAR)
-def _decode_symbols(codes, offsets, cols, rec, shift, ns, out, status):
+def _decode_symbols(codes, offsets, cols, rec, lb, kb, s0, sp, ns, out, status):
     dummy = np.zeros(1, np.float32)
     for r in nb.prange(out.shape[0]):
         status[r] = _decode_row(codes, offsets[r], offsets[r + 1] - offsets[r], cols,
-                                rec, shift, ns, out[r], dummy,
+                                rec, lb, kb, s0, sp, ns, out[r], dummy,
                                 0.0, 0.0, 0)
 
 
 @nb.njit(**_PAR)
-def _decode_values(codes, offsets, cols, rec, shift, ns, lo, hi, out, status):
+def _decode_values(codes, offsets, cols, rec, lb, kb, s0, sp, ns, lo, hi, out, status):
     dummy = np.zeros(1, np.int8)
     for r in nb.prange(out.shape[0]):
         status[r] = _decode_row(codes, offsets[r], offsets[r + 1] - offsets[r], cols,
-                                rec, shift, ns, dummy, out[r],
+                                rec, lb, kb, s0, sp, ns, dummy, out[r],
                                 lo[r], hi[r], 1)
 
 
-def _records(d: Dictionary) -> tuple[np.ndarray, int, np.ndarray]:
-    rec = d.runtime_records()
-    return rec, (16 if rec.dtype == np.uint32 else 15), d.next_state.reshape(-1)
+def _records(d: Dictionary):
+    return (*d.runtime_records(), d.next_state.reshape(-1))
 
 
 def row_offsets(row_codes: np.ndarray, n_codes: int, cols: int, where: str = "tensor") -> np.ndarray:

@@ -52,24 +52,30 @@ class Dictionary:
     def max_nnz(self) -> int:
         return int(self.nz_pos.shape[2])
 
-    def runtime_records(self) -> np.ndarray:
-        """One record per (state, codeword), never stored: [length, next_state | nnz << 8,
-        offset | symbol << SHIFT for each nonzero...], padded to a power-of-two width so
-        that a codeword costs the decoder one cache line (golomb-v2f codewords are used
-        near-uniformly, so the whole table is hot). uint16 records (SHIFT 15) when every
-        entry is shorter than 2^15, uint32 (SHIFT 16) otherwise."""
+    def runtime_records(self) -> tuple[np.ndarray, int, int, int, int]:
+        """Bit-packed copies of the entries for the decoders, never stored: each entry is
+        uint64 words [length | nnz << LB | slot 0 | slot 1 ...], a slot being offset |
+        hi-bit << LB (LB bits for offsets, so LB + 1 a slot), slots never straddling a
+        word. Every ladder dictionary fits one word a codeword: golomb-v2f codewords are
+        used near-uniformly, so the whole table is hot, and at 8 bytes an entry it stays
+        in L2 where 16-byte records did not (2-3x faster decoding).
+        -> (words [S * 65536, nw], LB, KB, slots in word 0, slots in each later word)."""
         if self._runtime is None:
             s, c, k = self.nz_pos.shape
-            wide = int(self.length.max()) >= (1 << 15)
-            dt, shift = (np.uint32, 16) if wide else (np.uint16, 15)
-            width = 1 << int(np.ceil(np.log2(k + 2)))
-            rec = np.zeros((s * c, width), dt)
-            rec[:, 0] = self.length.reshape(-1)
-            rec[:, 1] = (self.next_state.astype(dt) | self.nnz.astype(dt) << 8).reshape(-1)
-            used = self.nz_sym > 0
-            nzv = self.nz_pos.astype(dt) | ((self.nz_sym.astype(dt) - 1) << shift)
-            rec[:, 2:2 + k] = np.where(used, nzv, 0).reshape(s * c, k)
-            self._runtime = rec
+            lb = max(1, int(self.length.max()).bit_length())
+            kb = max(1, int(k).bit_length())
+            w = lb + 1
+            s0, sp = (64 - lb - kb) // w, 64 // w
+            nw = 1 + -(-max(0, k - s0) // sp)
+            rec = np.zeros((s * c, nw), np.uint64)
+            u = np.uint64
+            rec[:, 0] = self.length.astype(u).reshape(-1) | (self.nnz.astype(u).reshape(-1) << u(lb))
+            for i in range(k):
+                slot = (self.nz_pos[:, :, i].astype(u)
+                        | ((self.nz_sym[:, :, i] == 2).astype(u) << u(lb))).reshape(-1)
+                word, at = (0, lb + kb + i * w) if i < s0 else (1 + (i - s0) // sp, ((i - s0) % sp) * w)
+                rec[:, word] |= slot << u(at)
+            self._runtime = (rec, lb, kb, s0, sp)
         return self._runtime
 
     def tables(self) -> dict[str, np.ndarray]:

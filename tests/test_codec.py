@@ -411,8 +411,14 @@ small32 = st.floats(-1.0, 1.0, width=32) | st.sampled_from([0.0, -0.0, 1e-45, -1
 @given(x=hnp.arrays(np.float32, hnp.array_shapes(min_dims=2, max_dims=2, min_side=0,
                                                     max_side=24), elements=small32 | finite32))
 def test_quantizer_matches_reference(x):
-    sym, scales, counts = quantize_rtn(x)
     rsym, rscales, _ = reference_quantize(x)
+    if ((rscales & 0x7FFF) == 0x7F80).any():
+        # a finite weight whose bf16 scale rounds to infinity: refused (spec §5.1 wants
+        # finite scales), naming the first such row
+        with pytest.raises(NonFiniteError, match="beyond bfloat16"):
+            quantize_rtn(x)
+        return
+    sym, scales, counts = quantize_rtn(x)
     assert sym.dtype == np.int8 and scales.dtype == np.uint16
     assert np.array_equal(sym, rsym)
     assert np.array_equal(scales, rscales)
