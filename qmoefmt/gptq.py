@@ -1,18 +1,32 @@
 """GPTQ for batches of experts, onto the ternary or the k-bit grid.
 
-The algorithm is the reference GPTQ (Frantar et al. 2022): quantize columns in
-order, spreading each column's error over the not yet quantized columns through
-the upper Cholesky factor of the inverse Hessian, with lazy updates in blocks of
-``block_size`` columns.  As in QMoE, it runs on a batch of experts of one layer at
-once (``W [E, rows, cols]``, ``H [E, cols, cols]``, H = sum over tokens of x x^T)
-so many small experts share each kernel launch / BLAS call, and the grid comes
-from the original weights, before any GPTQ update.
+GPTQ (Frantar et al. 2022) quantizes the columns of ``W`` in order and feeds each
+column's rounding error forward into the columns not yet quantized, weighted by
+the Hessian ``H = sum over tokens of x x^T``.  As in QMoE it runs on a batch of
+experts of one layer at once (``W [E, rows, cols]``, ``H [E, cols, cols]``) so
+many small experts share each BLAS call, and the grid comes from the original
+weights, before any update.
+
+The reference propagates ``err_i = (w_i - q_i) / U_ii`` through ``U``, the upper
+Cholesky factor of ``H^-1``, with lazy updates in blocks of 128 columns.  Summing
+its updates gives ``W - Q = Err U``, i.e. ``Err = (W - Q) U^-1``, and ``U^-1 = R``
+where ``H = R R^T`` with ``R`` upper triangular.  So the column GPTQ actually
+quantizes is
+
+    w'_j = w_j + sum_{i<j} (w_i - q_i) R_ij / R_jj
+
+(the LDLQ form of GPTQ, Chee et al. 2023).  ``R`` is one Cholesky factorization
+of the index-reversed ``H``: no inverse, no second factorization, about a third
+of the reference's O(cols^3) work, which dominates for experts with many
+columns.  Blocks are kept: each block of ``block_size`` columns receives the
+feedback of all earlier blocks in one matrix product, then its columns are
+quantized one by one with rank-1 updates inside the block.
 
 Robustness (QMoE): dampening ``damp * mean(diag H)`` per expert; dead inputs
 (zero diagonal) get ``H_ii = 1`` and a zero weight column; an expert whose
 Cholesky factorization fails is rounded to nearest with a warning; an expert
-without tokens (H all zero) is rounded to nearest.  RTN experts are run through
-the same loop with an identity Hessian, for which GPTQ reduces to exactly RTN.
+without tokens (H all zero) is rounded to nearest.  RTN experts go through the
+same loop with an identity Hessian, for which there is no feedback: plain RTN.
 
 Everything runs on the device of the inputs (CPU or CUDA), in float32.
 """
@@ -31,7 +45,7 @@ STATUS_GPTQ = "gptq"
 STATUS_NO_TOKENS = "rtn-no-tokens"
 STATUS_CHOLESKY_FAILED = "rtn-cholesky-failed"
 
-# Quantizes column ``col`` of all experts: w [E, rows] -> (codes, float32 values).
+# Codes for column ``col`` of all experts: (w [E, rows], col) -> (codes, float32 values).
 ColumnQuantizer = Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -39,7 +53,8 @@ ColumnQuantizer = Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor
 class GPTQResult:
     """Quantized experts.  ``codes`` are ternary symbols (int8 0/1/2, with ``lo``/``hi``
     ``[E, rows]``) or k-bit codes (uint8, with ``scales``/``zeros`` ``[E, rows, groups]``);
-    ``dequantized`` is the float32 weight ``[E, rows, cols]`` they decode to."""
+    ``dequantized`` is the float32 weight ``[E, rows, cols]`` they decode to;
+    ``status[e]`` is one of "gptq", "rtn-no-tokens", "rtn-cholesky-failed"."""
 
     codes: torch.Tensor
     dequantized: torch.Tensor
@@ -50,67 +65,46 @@ class GPTQResult:
     zeros: torch.Tensor | None = None
 
 
-def _invert_lower(L: torch.Tensor) -> torch.Tensor:
-    """Inverse of batched lower-triangular ``L`` by recursive 2x2 blocking.
+def _feedback_matrix(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``M^T`` where ``M = R / diag(R)`` (column-wise) and ``H + damping = R R^T``, R upper.
 
-    Mostly matrix products, hence several times faster than a triangular solve
-    against the identity (which does not know that the result is triangular).
+    Also returns the dead inputs ``[E, cols]``, and per expert whether it has no
+    tokens (every input dead) and whether the factorization succeeded.  Reversing the
+    index order turns LAPACK's lower Cholesky factor into the upper one we need; the
+    damping and dead-input fixes are applied to that reversed copy, so the caller's
+    (possibly large) batch of Hessians is never copied twice.
     """
-    n = L.shape[-1]
-    if n <= 128:
-        eye = torch.eye(n, dtype=L.dtype, device=L.device).expand_as(L)
-        return torch.linalg.solve_triangular(L, eye, upper=False)
-    h = n // 2
-    a_inv = _invert_lower(L[..., :h, :h])
-    c_inv = _invert_lower(L[..., h:, h:])
-    out = torch.zeros_like(L)
-    out[..., :h, :h] = a_inv
-    out[..., h:, h:] = c_inv
-    out[..., h:, :h] = -c_inv @ (L[..., h:, :h] @ a_inv)
-    return out
-
-
-def _inverse_cholesky_upper(H: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Upper ``U`` with ``U^T U = H^-1`` for each matrix of the batch, and a per-matrix ok flag.
-
-    The reference computes it as cholesky(cholesky_inverse(cholesky(H)), upper).
-    Factoring the index-reversed H instead gives ``H = R R^T`` with R upper, so
-    ``U = R^-1``: one factorization and one triangular inverse instead of two
-    factorizations and a full inverse, about half the work.
-    """
-    flipped, info = torch.linalg.cholesky_ex(H.flip(-2, -1))
-    ok = (info == 0) & torch.isfinite(flipped).all(dim=-1).all(dim=-1)
-    flipped[~ok] = torch.eye(H.shape[-1], dtype=H.dtype, device=H.device)
-    U = _invert_lower(flipped).flip(-2, -1)
-    ok &= torch.isfinite(U).all(dim=-1).all(dim=-1)
-    return U, ok
-
-
-def _prepare_hessian(W: torch.Tensor, H: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """Damped, dead-input-fixed copy of H, weights with dead columns zeroed, and statuses."""
     cols = H.shape[-1]
-    no_tokens = (H == 0).all(dim=-1).all(dim=-1)
-    H = H.clone()  # modified in place below: the batch of Hessians can be large
+    eye = torch.eye(cols, dtype=H.dtype, device=H.device)
     diag = H.diagonal(dim1=-2, dim2=-1)
-    dead = (diag == 0) & ~no_tokens[:, None]
+    dead = diag == 0
+    # For a Hessian sum x x^T a zero diagonal means a zero matrix: no tokens at all.
+    no_tokens = dead.all(dim=-1)
+    dead &= ~no_tokens[:, None]
     # A dead input is always zero, so its row and column of H are zero and it
     # decouples: any positive diagonal works, and its weights never matter.
-    W = W.masked_fill(dead[:, None, :], 0.0)
-    damping = damp * diag.mean(dim=-1, keepdim=True)
-    diag.add_(dead.to(H.dtype) + damping)
-    # Identity Hessian: the GPTQ loop then leaves the weights alone, i.e. plain RTN.
-    H[no_tokens] = torch.eye(cols, dtype=H.dtype, device=H.device)
-    status = [STATUS_NO_TOKENS if n else STATUS_GPTQ for n in no_tokens.tolist()]
-    return W, H, status
+    fix = dead.to(H.dtype) + damp * diag.mean(dim=-1, keepdim=True)
+    flipped = H.flip(-2, -1)
+    flipped.diagonal(dim1=-2, dim2=-1).add_(fix.flip(-1))
+    # Identity Hessian: no error feedback, i.e. plain RTN.
+    flipped[no_tokens] = eye
+    L, info = torch.linalg.cholesky_ex(flipped)
+    del flipped
+    # L is column-major, so L^T is the cheap row-major view: M^T = flip(L^T / diag(L) row-wise).
+    MT = (L.mT / L.diagonal(dim1=-2, dim2=-1)[..., :, None]).flip(-2, -1)
+    # A sum is finite only if every entry is (overflow counts as failure too).
+    ok = (info == 0) & torch.isfinite(MT.sum(dim=(-2, -1)))
+    MT[~ok] = eye
+    return MT, dead, no_tokens, ok
 
 
 def _gptq(W: torch.Tensor, H: torch.Tensor, quantize: ColumnQuantizer, block_size: int, damp: float):
+    """Codes [E, rows, cols] and per-expert statuses."""
     if W.dim() != 3 or H.dim() != 3 or H.shape != (W.shape[0], W.shape[2], W.shape[2]):
         raise ValueError(f"expected W [E, rows, cols] and H [E, cols, cols], got {tuple(W.shape)} and {tuple(H.shape)}")
-    original = W.to(torch.float32)
-    W, H, status = _prepare_hessian(original, H.to(torch.float32), damp)
-    U, ok = _inverse_cholesky_upper(H)
-    del H
+    W = W.to(torch.float32)
+    MT, dead, no_tokens, ok = _feedback_matrix(H.to(torch.float32), damp)
+    status = [STATUS_NO_TOKENS if n else STATUS_GPTQ for n in no_tokens.tolist()]
     for e in torch.nonzero(~ok).flatten().tolist():
         warnings.warn(
             f"GPTQ: Cholesky factorization failed for expert {e}; using round-to-nearest",
@@ -119,33 +113,31 @@ def _gptq(W: torch.Tensor, H: torch.Tensor, quantize: ColumnQuantizer, block_siz
         )
         status[e] = STATUS_CHOLESKY_FAILED
     rtn = torch.tensor([s != STATUS_GPTQ for s in status], device=W.device)
-    U[rtn] = torch.eye(U.shape[-1], dtype=U.dtype, device=U.device)
-    W[rtn] = original[rtn]
+    MT[rtn] = torch.eye(MT.shape[-1], dtype=MT.dtype, device=MT.device)
+    # RTN experts keep their original weights; the others lose their dead columns.
+    W = W.masked_fill(dead[:, None, :] & ~rtn[:, None, None], 0.0)
 
     E, rows, cols = W.shape
+    # Transposed so that a column is contiguous; column j is replaced by its
+    # error w_j - q_j once quantized, which is what later columns feed on.
+    WT = W.transpose(1, 2).contiguous()
     codes = None
-    values = torch.empty_like(W)
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
-        W1 = W[:, :, i1:i2].clone()
-        U1 = U[:, i1:i2, i1:i2]
-        err1 = torch.empty_like(W1)
-        for i in range(i2 - i1):
-            w = W1[:, :, i]
-            code, value = quantize(w, i1 + i)
+        feedback = torch.bmm(MT[:, i1:i2, :i1], WT[:, :i1])
+        for j in range(i1, i2):
+            code, value = quantize(WT[:, j] + feedback[:, j - i1], j)
             if codes is None:
-                codes = torch.empty((E, rows, cols), dtype=code.dtype, device=W.device)
-            codes[:, :, i1 + i] = code
-            values[:, :, i1 + i] = value
-            err = (w - value) / U1[:, i, i][:, None]
-            W1[:, :, i:] -= err[:, :, None] * U1[:, None, i, i:]
-            err1[:, :, i] = err
-        # Lazy batch update: the rest of the matrix sees this block's errors at once.
-        W[:, :, i2:] -= err1 @ U[:, i1:i2, i2:]
-    return codes, values, status
+                codes = torch.empty((E, cols, rows), dtype=code.dtype, device=W.device)
+            codes[:, j] = code
+            err = WT[:, j] - value
+            WT[:, j] = err
+            feedback[:, j - i1 + 1 :].addcmul_(MT[:, j + 1 : i2, j, None], err[:, None, :])
+    return codes.transpose(1, 2).contiguous(), status
 
 
 def _batched(W: torch.Tensor, H: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    W, H = torch.as_tensor(W), torch.as_tensor(H)
     single = W.dim() == 2
     return (W[None], H[None], True) if single else (W, H, False)
 
@@ -158,17 +150,16 @@ def gptq_ternary(
     ``W`` is ``[E, rows, cols]`` (or one ``[rows, cols]`` matrix) and ``H`` the matching
     ``[E, cols, cols]`` Hessians; results keep the batch dimension only if the input had it.
     """
-    W, H, single = _batched(torch.as_tensor(W), torch.as_tensor(H))
+    W, H, single = _batched(W, H)
     lo, hi = qz.ternary_grid(W)
 
     def quantize(w: torch.Tensor, col: int) -> tuple[torch.Tensor, torch.Tensor]:
         symbols = qz.ternary_symbols(w, lo, hi)
         return symbols, qz.ternary_values(symbols, lo, hi)
 
-    codes, values, status = _gptq(W, H, quantize, block_size, damp)
-    if single:
-        return GPTQResult(codes[0], values[0], status, lo=lo[0], hi=hi[0])
-    return GPTQResult(codes, values, status, lo=lo, hi=hi)
+    codes, status = _gptq(W, H, quantize, block_size, damp)
+    result = GPTQResult(codes, qz.ternary_dequant(codes, lo, hi), status, lo=lo, hi=hi)
+    return _unbatch(result) if single else result
 
 
 def gptq_kbit(
@@ -182,16 +173,33 @@ def gptq_kbit(
 ) -> GPTQResult:
     """GPTQ onto the asymmetric ``bits``-bit grid (per row or per ``group_size`` columns)
     of the original ``W``; shapes as in :func:`gptq_ternary`."""
-    W, H, single = _batched(torch.as_tensor(W), torch.as_tensor(H))
+    W, H, single = _batched(W, H)
     scales, zeros = qz.kbit_grid(W, bits, group_size)
     size = W.shape[-1] if group_size is None else group_size
+    # Per-group parameters laid out like the transposed weights: [E, groups, rows].
+    scale_t = scales.transpose(1, 2).contiguous()
+    zero_t = zeros.transpose(1, 2).to(torch.float32).contiguous()
 
     def quantize(w: torch.Tensor, col: int) -> tuple[torch.Tensor, torch.Tensor]:
-        scale, zero = scales[:, :, col // size], zeros[:, :, col // size]
+        scale, zero = scale_t[:, col // size], zero_t[:, col // size]
         q = qz.kbit_codes(w, scale, zero, bits)
         return q, qz.kbit_values(q, scale, zero)
 
-    codes, values, status = _gptq(W, H, quantize, block_size, damp)
-    if single:
-        return GPTQResult(codes[0], values[0], status, scales=scales[0], zeros=zeros[0])
-    return GPTQResult(codes, values, status, scales=scales, zeros=zeros)
+    codes, status = _gptq(W, H, quantize, block_size, damp)
+    result = GPTQResult(codes, qz.kbit_dequant(codes, scales, zeros, group_size), status, scales=scales, zeros=zeros)
+    return _unbatch(result) if single else result
+
+
+def _unbatch(result: GPTQResult) -> GPTQResult:
+    def first(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t[0]
+
+    return GPTQResult(
+        first(result.codes),
+        first(result.dequantized),
+        result.status,
+        lo=first(result.lo),
+        hi=first(result.hi),
+        scales=first(result.scales),
+        zeros=first(result.zeros),
+    )

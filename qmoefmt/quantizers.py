@@ -49,10 +49,8 @@ def ternary_grid(W: ArrayLike) -> tuple[torch.Tensor, torch.Tensor]:
 def ternary_symbols(W: ArrayLike, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
     """int8 symbols of ``W`` on the grid; ``lo``/``hi`` must broadcast against ``W``."""
     W = _float32(W)
-    symbols = torch.zeros(W.shape, dtype=torch.int8, device=W.device)
-    symbols[W < lo / 2] = SYMBOL_LO
-    symbols[W > hi / 2] = SYMBOL_HI
-    return symbols
+    # The two tests exclude each other: lo/2 <= 0 <= hi/2.
+    return (W < lo / 2).to(torch.int8) * SYMBOL_LO + (W > hi / 2).to(torch.int8) * SYMBOL_HI
 
 
 def ternary_values(symbols: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:

@@ -60,7 +60,9 @@ def _reference_gptq(W, H, quantize_column, blocksize=128, percdamp=0.1):
 @pytest.mark.parametrize("grid", GRIDS)
 def test_gptq_beats_rtn_on_output_error(grid):
     W, X, H = _problem()
+    W_before, H_before = W.clone(), H.clone()
     result = _run(grid, W, H)
+    assert torch.equal(W, W_before) and torch.equal(H, H_before)
     assert result.status == ["gptq"] * 3
     gptq_err = _output_error(W, result.dequantized, X)
     rtn_err = _output_error(W, _rtn(grid, W), X)
