@@ -168,8 +168,9 @@ def verify(store, deep, as_json):
 @main.command()
 @click.argument("store", type=click.Path(exists=True))
 @click.argument("output", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print {output, tensors, bytes} as JSON.")
 @clean_errors
-def unpack(store, output):
+def unpack(store, output, as_json):
     """Write a store's weights to OUTPUT.safetensors, experts dequantized."""
     import qmoefmt
     from qmoefmt.unpack import unpack as run_unpack
@@ -177,7 +178,10 @@ def unpack(store, output):
     st = qmoefmt.open(store)
     with _bar(len(st), "tensor", "unpack") as bar:
         n = run_unpack(st, output, progress=bar.update)
-    click.echo(f"wrote {n} tensors to {output}")
+    if as_json:
+        click.echo(json.dumps({"output": output, "tensors": n, "bytes": os.path.getsize(output)}))
+    else:
+        click.echo(f"wrote {n} tensors to {output}")
 
 
 if __name__ == "__main__":
