@@ -29,14 +29,19 @@ MAX_DICTIONARIES = 1024
 MAX_NAME_BYTES = 4096
 
 
-def load_json(path: Path, limit: int = MAX_NODE_METADATA):
+def _read_metadata(path: Path, limit: int, missing: str = "missing") -> bytes:
+    """A metadata file's bytes, its size checked against `limit` before it is read."""
     try:
         size = path.stat().st_size
-    except FileNotFoundError:
-        raise FormatError(str(path), "missing") from None
+    except OSError:
+        raise FormatError(str(path), missing) from None
     if size > limit:
         raise LimitError(str(path), f"{size} bytes of metadata, limit is {limit}")
-    raw = path.read_bytes()
+    return path.read_bytes()
+
+
+def load_json(path: Path, limit: int = MAX_NODE_METADATA):
+    raw = _read_metadata(path, limit)
     try:
         return json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
@@ -48,13 +53,7 @@ def read_root(root: Path) -> dict:
     path = root / layout.ROOT_META
     if not root.is_dir():
         raise FormatError(str(root), "not a directory (a store is a directory)")
-    try:
-        size = path.stat().st_size
-    except FileNotFoundError:
-        raise FormatError(str(path), "missing: not a qmoefmt store") from None
-    if size > MAX_ROOT_METADATA:
-        raise LimitError(str(path), f"{size} bytes of metadata, limit is {MAX_ROOT_METADATA}")
-    raw = path.read_bytes()
+    raw = _read_metadata(path, MAX_ROOT_METADATA, "missing: not a qmoefmt store")
     ok = layout.root_checksum_ok(raw)
     if ok is None:
         raise FormatError(str(path), "no qmoefmt checksum field")
