@@ -23,16 +23,22 @@ def bf16_value(b):
     return np.uint32(np.uint32(b) << np.uint32(16)).view(np.float32)
 
 
+@nb.njit(nogil=True, inline="always")
+def _load(xf, xb, use_bits, r, i):
+    return bf16_value(xb[r, i]) if use_bits else xf[r, i]
+
+
 @nb.njit(nogil=True, parallel=True, cache=True)
-def _quantize_rows(x, sym, scales, counts, bad):
-    rows, cols = x.shape
+def _quantize_rows(xf, xb, use_bits, sym, scales, counts, bad):
+    """Rows of float32 (xf), or of bfloat16 bits (xb, use_bits): reading bf16 directly
+    spares the packer a float32 copy of every tensor."""
+    rows, cols = sym.shape
     for r in nb.prange(rows):
-        row = x[r]
         mn = np.float32(0.0)
         mx = np.float32(0.0)
         finite = True
         for i in range(cols):
-            v = row[i]
+            v = _load(xf, xb, use_bits, r, i)
             if not np.isfinite(v):
                 finite = False
             if v < mn:
@@ -55,7 +61,7 @@ def _quantize_rows(x, sym, scales, counts, bad):
         n2 = 0
         out = sym[r]
         for i in range(cols):
-            v = row[i]
+            v = _load(xf, xb, use_bits, r, i)
             if v < tlo:
                 out[i] = 1
                 n1 += 1
@@ -80,17 +86,23 @@ class NonFiniteError(ValueError):
                          f"row {row} holds a non-finite value (NaN or infinity)")
 
 
-def quantize_rtn(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """float32 [rows, cols] -> (symbols int8 [rows, cols], scales uint16 [rows, 2] as
-    bf16 bits of (lo, hi), counts int64 [3] of symbols 0, 1, 2)."""
-    x = np.ascontiguousarray(x, dtype=np.float32)
+def quantize_rtn(x: np.ndarray, bf16_bits_input: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """float32 [rows, cols] (or, with bf16_bits_input, uint16 bfloat16 bits) ->
+    (symbols int8 [rows, cols], scales uint16 [rows, 2] as bf16 bits of (lo, hi),
+    counts int64 [3] of symbols 0, 1, 2)."""
+    if bf16_bits_input:
+        xb = np.ascontiguousarray(x, dtype=np.uint16)
+        xf = np.zeros((1, 1), np.float32)
+    else:
+        xf = np.ascontiguousarray(x, dtype=np.float32)
+        xb = np.zeros((1, 1), np.uint16)
     rows, cols = x.shape
     sym = np.empty((rows, cols), np.int8)
     scales = np.zeros((rows, 2), np.uint16)
     counts = np.zeros((rows, 3), np.int64)
     bad = np.zeros(rows, np.uint8)
     if rows:
-        _quantize_rows(x, sym, scales, counts, bad)
+        _quantize_rows(xf, xb, bf16_bits_input, sym, scales, counts, bad)
     if bad.any():
         r = int(np.argmax(bad != 0))
         raise NonFiniteError(r, beyond_bf16=bool(bad[r] == 2))

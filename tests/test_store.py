@@ -285,20 +285,21 @@ class Interrupt(Exception):
 
 
 def counting_pack_tensor(monkeypatch, fail_at: int | None = None, after_write: bool = False):
-    """Wrap qmoefmt.pack.pack_tensor: count calls (by tensor name) and raise on call
-    number `fail_at` (1-based), before or after the real call wrote its arrays."""
-    real = pack_mod.pack_tensor
+    """Wrap qmoefmt.pack.write_tensor (a tensor's files: its arrays, then its group):
+    count calls (by tensor name) and raise on call number `fail_at` (1-based), before
+    anything was written or after its arrays were written but before its group was."""
+    real = pack_mod.write_tensor
     calls: list[str] = []
 
-    def wrapper(*args, **kwargs):
-        calls.append(args[2] if len(args) > 2 else kwargs["name"])
+    def wrapper(writer, record, arrays):
+        calls.append(record["name"])
         if fail_at is not None and len(calls) == fail_at:
             if after_write:
-                real(*args, **kwargs)
+                pack_mod.write_arrays(writer.root, record["path"], arrays)
             raise Interrupt(f"interrupted at call {fail_at}")
-        return real(*args, **kwargs)
+        return real(writer, record, arrays)
 
-    monkeypatch.setattr(pack_mod, "pack_tensor", wrapper)
+    monkeypatch.setattr(pack_mod, "write_tensor", wrapper)
     return calls
 
 
