@@ -16,17 +16,18 @@ quantizes is
     w'_j = w_j + sum_{i<j} (w_i - q_i) R_ij / R_jj
 
 (the LDLQ form of GPTQ, Chee et al. 2023).  ``R`` is one Cholesky factorization
-of the index-reversed ``H``: no inverse, no second factorization, about a third
-of the reference's O(cols^3) work, which dominates for experts with many
-columns.  Blocks are kept: each block of ``block_size`` columns receives the
+of the index-reversed ``H``: no inverse, no second factorization, a quarter of
+the reference's O(cols^3) work, which dominates for experts with many columns.  Blocks are kept: each block of ``block_size`` columns receives the
 feedback of all earlier blocks in one matrix product, then its columns are
 quantized one by one with rank-1 updates inside the block.
 
 Robustness (QMoE): dampening ``damp * mean(diag H)`` per expert; dead inputs
 (zero diagonal) get ``H_ii = 1`` and a zero weight column; an expert whose
 Cholesky factorization fails is rounded to nearest with a warning; an expert
-without tokens (H all zero) is rounded to nearest.  RTN experts go through the
-same loop with an identity Hessian, for which there is no feedback: plain RTN.
+without tokens (zero diagonal, hence H = 0) is rounded to nearest.  RTN experts
+go through the same loop with an identity Hessian, for which there is no
+feedback: plain RTN.  Optionally (``act_order``, not in QMoE) columns are taken
+in order of decreasing ``diag(H)``.
 
 Everything runs on the device of the inputs (CPU or CUDA), in float32.
 """
@@ -45,8 +46,9 @@ STATUS_GPTQ = "gptq"
 STATUS_NO_TOKENS = "rtn-no-tokens"
 STATUS_CHOLESKY_FAILED = "rtn-cholesky-failed"
 
-# Codes for column ``col`` of all experts: (w [E, rows], col) -> (codes, float32 values).
-ColumnQuantizer = Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
+# Codes and float32 values of one column of every expert: (w [E, rows], col) -> (codes, values),
+# where col [E] is the column's index in the original W of each expert.
+ColumnQuantizer = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass
@@ -98,11 +100,28 @@ def _feedback_matrix(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.
     return MT, dead, no_tokens, ok
 
 
-def _gptq(W: torch.Tensor, H: torch.Tensor, quantize: ColumnQuantizer, block_size: int, damp: float):
+def _gptq(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    quantize: ColumnQuantizer,
+    code_dtype: torch.dtype,
+    block_size: int,
+    damp: float,
+    act_order: bool,
+) -> tuple[torch.Tensor, list[str]]:
     """Codes [E, rows, cols] and per-expert statuses."""
     if W.dim() != 3 or H.dim() != 3 or H.shape != (W.shape[0], W.shape[2], W.shape[2]):
         raise ValueError(f"expected W [E, rows, cols] and H [E, cols, cols], got {tuple(W.shape)} and {tuple(H.shape)}")
+    E, rows, cols = W.shape
     W = W.to(torch.float32)
+    if act_order:
+        # GPTQ's act-order: inputs with the most energy first, while many columns
+        # are left to absorb their errors.  The grid stays that of the original W.
+        order = torch.argsort(H.diagonal(dim1=-2, dim2=-1), dim=-1, descending=True, stable=True)
+        W = torch.take_along_dim(W, order[:, None, :], dim=2)
+        H = torch.take_along_dim(torch.take_along_dim(H, order[:, :, None], dim=1), order[:, None, :], dim=2)
+    else:
+        order = torch.arange(cols, device=W.device).expand(E, cols)
     MT, dead, no_tokens, ok = _feedback_matrix(H.to(torch.float32), damp)
     status = [STATUS_NO_TOKENS if n else STATUS_GPTQ for n in no_tokens.tolist()]
     for e in torch.nonzero(~ok).flatten().tolist():
@@ -117,22 +136,20 @@ def _gptq(W: torch.Tensor, H: torch.Tensor, quantize: ColumnQuantizer, block_siz
     # RTN experts keep their original weights; the others lose their dead columns.
     W = W.masked_fill(dead[:, None, :] & ~rtn[:, None, None], 0.0)
 
-    E, rows, cols = W.shape
     # Transposed so that a column is contiguous; column j is replaced by its
     # error w_j - q_j once quantized, which is what later columns feed on.
     WT = W.transpose(1, 2).contiguous()
-    codes = None
+    codes = torch.empty((E, cols, rows), dtype=code_dtype, device=W.device)
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
         feedback = torch.bmm(MT[:, i1:i2, :i1], WT[:, :i1])
         for j in range(i1, i2):
-            code, value = quantize(WT[:, j] + feedback[:, j - i1], j)
-            if codes is None:
-                codes = torch.empty((E, cols, rows), dtype=code.dtype, device=W.device)
-            codes[:, j] = code
+            codes[:, j], value = quantize(WT[:, j] + feedback[:, j - i1], order[:, j])
             err = WT[:, j] - value
             WT[:, j] = err
             feedback[:, j - i1 + 1 :].addcmul_(MT[:, j + 1 : i2, j, None], err[:, None, :])
+    if act_order:
+        codes = torch.empty_like(codes).scatter_(1, order[:, :, None].expand_as(codes), codes)
     return codes.transpose(1, 2).contiguous(), status
 
 
@@ -143,21 +160,27 @@ def _batched(W: torch.Tensor, H: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 
 
 def gptq_ternary(
-    W: torch.Tensor, H: torch.Tensor, *, block_size: int = 128, damp: float = 0.1
+    W: torch.Tensor,
+    H: torch.Tensor,
+    *,
+    block_size: int = 128,
+    damp: float = 0.1,
+    act_order: bool = False,
 ) -> GPTQResult:
     """GPTQ onto the per-row ternary grid {lo, 0, hi} of the original ``W``.
 
     ``W`` is ``[E, rows, cols]`` (or one ``[rows, cols]`` matrix) and ``H`` the matching
     ``[E, cols, cols]`` Hessians; results keep the batch dimension only if the input had it.
+    ``act_order`` quantizes columns in order of decreasing ``diag(H)`` (QMoE does not).
     """
     W, H, single = _batched(W, H)
     lo, hi = qz.ternary_grid(W)
 
-    def quantize(w: torch.Tensor, col: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def quantize(w: torch.Tensor, col: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         symbols = qz.ternary_symbols(w, lo, hi)
         return symbols, qz.ternary_values(symbols, lo, hi)
 
-    codes, status = _gptq(W, H, quantize, block_size, damp)
+    codes, status = _gptq(W, H, quantize, torch.int8, block_size, damp, act_order)
     result = GPTQResult(codes, qz.ternary_dequant(codes, lo, hi), status, lo=lo, hi=hi)
     return _unbatch(result) if single else result
 
@@ -170,22 +193,25 @@ def gptq_kbit(
     *,
     block_size: int = 128,
     damp: float = 0.1,
+    act_order: bool = False,
 ) -> GPTQResult:
     """GPTQ onto the asymmetric ``bits``-bit grid (per row or per ``group_size`` columns)
-    of the original ``W``; shapes as in :func:`gptq_ternary`."""
+    of the original ``W``; shapes and options as in :func:`gptq_ternary`."""
     W, H, single = _batched(W, H)
     scales, zeros = qz.kbit_grid(W, bits, group_size)
     size = W.shape[-1] if group_size is None else group_size
     # Per-group parameters laid out like the transposed weights: [E, groups, rows].
     scale_t = scales.transpose(1, 2).contiguous()
     zero_t = zeros.transpose(1, 2).to(torch.float32).contiguous()
+    experts = torch.arange(W.shape[0], device=W.device)
 
-    def quantize(w: torch.Tensor, col: int) -> tuple[torch.Tensor, torch.Tensor]:
-        scale, zero = scale_t[:, col // size], zero_t[:, col // size]
+    def quantize(w: torch.Tensor, col: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        group = col // size
+        scale, zero = scale_t[experts, group], zero_t[experts, group]
         q = qz.kbit_codes(w, scale, zero, bits)
         return q, qz.kbit_values(q, scale, zero)
 
-    codes, status = _gptq(W, H, quantize, block_size, damp)
+    codes, status = _gptq(W, H, quantize, torch.uint8, block_size, damp, act_order)
     result = GPTQResult(codes, qz.kbit_dequant(codes, scales, zeros, group_size), status, scales=scales, zeros=zeros)
     return _unbatch(result) if single else result
 

@@ -41,6 +41,9 @@ def bf16_round(x: torch.Tensor) -> torch.Tensor:
 def ternary_grid(W: ArrayLike) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row ``(lo, hi)``, float32 ``[..., rows]``, exactly representable in bfloat16."""
     W = _float32(W)
+    if W.shape[-1] == 0:  # rows without columns: the range is just {0}
+        zeros = W.new_zeros(W.shape[:-1])
+        return zeros, zeros.clone()
     lo = bf16_round(torch.clamp(W.amin(dim=-1), max=0.0))
     hi = bf16_round(torch.clamp(W.amax(dim=-1), min=0.0))
     return lo, hi
@@ -107,7 +110,8 @@ def kbit_grid(W: ArrayLike, bits: int, group_size: int | None = None) -> tuple[t
     W = _float32(W)
     cols = W.shape[-1]
     groups = n_groups(cols, group_size)
-    size = cols if group_size is None else group_size
+    # max(.., 1): a row without columns still has its one (all-zero) group.
+    size = max(cols, 1) if group_size is None else group_size
     # Zero padding is harmless: the range is widened to include 0 anyway.
     padded = torch.nn.functional.pad(W, (0, groups * size - cols))
     grouped = padded.reshape(*W.shape[:-1], groups, size)

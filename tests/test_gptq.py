@@ -9,10 +9,10 @@ from qmoefmt import quantizers as qz
 GRIDS = ["ternary", 2, 3, 4]
 
 
-def _run(grid, W, H, group_size=None):
+def _run(grid, W, H, group_size=None, **options):
     if grid == "ternary":
-        return gptq.gptq_ternary(W, H)
-    return gptq.gptq_kbit(W, H, grid, group_size)
+        return gptq.gptq_ternary(W, H, **options)
+    return gptq.gptq_kbit(W, H, grid, group_size, **options)
 
 
 def _rtn(grid, W, group_size=None):
@@ -121,13 +121,36 @@ def test_batched_equals_per_expert(grid):
         assert (single.codes != batched.codes[e]).float().mean() < 1e-3
 
 
+@pytest.mark.parametrize("grid", GRIDS)
+def test_act_order_is_gptq_on_permuted_columns(grid):
+    W, X, H = _problem(E=2, cols=96)
+    result = _run(grid, W, H, group_size=32, act_order=True)
+    # The same as plain GPTQ on columns sorted by decreasing diag(H), un-permuted,
+    # except that the grid (and its groups) stay those of the original columns.
+    assert (_output_error(W, result.dequantized, X) < _output_error(W, _rtn(grid, W, 32), X)).all()
+    for e in range(2):
+        order = torch.argsort(H[e].diagonal(), descending=True, stable=True)
+        inverse = torch.argsort(order)
+        lo, hi = qz.ternary_grid(W[e])
+        scales, zeros = qz.kbit_grid(W[e], grid if grid != "ternary" else 2, 32)
+
+        def column(w, c, order=order, lo=lo, hi=hi, scales=scales, zeros=zeros):
+            if grid == "ternary":
+                return qz.ternary_values(qz.ternary_symbols(w, lo, hi), lo, hi)
+            s, z = scales[:, order[c] // 32], zeros[:, order[c] // 32]
+            return qz.kbit_values(qz.kbit_codes(w, s, z, grid), s, z)
+
+        ref = _reference_gptq(W[e][:, order], H[e][order][:, order], column)[:, inverse]
+        assert (ref != result.dequantized[e]).float().mean() < 1e-3
+
+
 def test_dead_inputs():
     W, X, _ = _problem(E=2)
     dead = [3, 50, 159]
     X[:, :, dead] = 0
     H = X.transpose(1, 2) @ X
-    for grid in GRIDS:
-        result = _run(grid, W, H)
+    for grid, act_order in [(g, a) for g in GRIDS for a in (False, True)]:
+        result = _run(grid, W, H, act_order=act_order)
         assert result.status == ["gptq", "gptq"]
         assert torch.isfinite(result.dequantized).all()
         # Dead inputs never contribute, so their weights are zeroed before quantizing.
@@ -173,6 +196,12 @@ def test_block_size_does_not_change_result():
     a = gptq.gptq_kbit(W, H, 4, block_size=16).codes
     b = gptq.gptq_kbit(W, H, 4, block_size=128).codes
     assert (a != b).float().mean() < 1e-3
+
+
+def test_experts_without_columns():
+    result = gptq.gptq_kbit(torch.zeros(2, 3, 0), torch.zeros(2, 0, 0), 3)
+    assert result.codes.shape == result.dequantized.shape == (2, 3, 0)
+    assert result.status == ["rtn-no-tokens"] * 2
 
 
 def test_rejects_mismatched_shapes():

@@ -153,3 +153,14 @@ def test_bad_arguments():
     q, scales, zeros = qz.kbit_rtn(torch.ones(2, 8), 2, group_size=4)
     with pytest.raises(ValueError):
         qz.kbit_dequant(q, scales, zeros, group_size=None)
+
+
+def test_rows_without_columns():
+    W = torch.zeros(3, 0)
+    symbols, lo, hi = qz.ternary_rtn(W)
+    assert symbols.shape == (3, 0) and lo.tolist() == hi.tolist() == [0.0, 0.0, 0.0]
+    q, scales, zeros = qz.kbit_rtn(W, 2)
+    assert q.shape == (3, 0) and scales.tolist() == [[1.0]] * 3 and zeros.tolist() == [[0]] * 3
+    assert qz.kbit_dequant(q, scales, zeros).shape == (3, 0)
+    q, scales, zeros = qz.kbit_rtn(W, 2, group_size=4)
+    assert scales.shape == zeros.shape == (3, 0)
