@@ -62,6 +62,29 @@ def test_ternary_dequant_error_bound(W):
     assert torch.equal(deq, expected)
 
 
+def test_ternary_rtn_matches_the_packer():
+    from qmoefmt import ternary
+
+    W = torch.randn(16, 300).numpy()
+    W[3] = 0
+    W[5] = np.abs(W[5])
+    symbols, lo, hi = qz.ternary_rtn(W)
+    packer_symbols, packer_scales, _ = ternary.quantize_rtn(W)
+    packer_lo, packer_hi = ternary.scales_to_float(packer_scales)
+    np.testing.assert_array_equal(symbols.numpy(), packer_symbols)
+    np.testing.assert_array_equal(lo.numpy(), packer_lo)
+    np.testing.assert_array_equal(hi.numpy(), packer_hi)
+
+
+def test_kbit_dequant_matches_the_codec():
+    from qmoefmt import uintpack
+
+    W = torch.randn(8, 40)
+    q, scales, zeros = qz.kbit_rtn(W, 3, group_size=16)
+    codec = uintpack.dequantize(q.numpy(), scales.numpy(), zeros.numpy(), 16)
+    np.testing.assert_array_equal(qz.kbit_dequant(q, scales, zeros, 16).numpy(), codec)
+
+
 def test_ternary_zero_rows_and_single_column():
     W = np.array([[0.0], [3.0], [-2.0], [0.0]], dtype=np.float32)
     symbols, lo, hi = qz.ternary_rtn(W)
