@@ -61,25 +61,16 @@ _ONES = np.uint64(0xFFFFFFFFFFFFFFFF)
 
 
 @nb.njit(**_SEQ)
-def _put_bits(buf, pos, value, nbits):
-    """Append nbits (1..63) of value, most significant first, at bit pos (buf zeroed)."""
-    v = np.uint64(value) << np.uint64(64 - nbits)
-    i = pos >> 6
-    off = pos & 63
-    buf[i] |= v >> np.uint64(off)
-    if off + nbits > 64:
-        buf[i + 1] |= v << np.uint64(64 - off)
-    return pos + nbits
-
-
-@nb.njit(**_SEQ)
-def _put_ones(buf, pos, count):
-    while count >= 63:
-        pos = _put_bits(buf, pos, 0x7FFFFFFFFFFFFFFF, 63)
-        count -= 63
-    if count:
-        pos = _put_bits(buf, pos, (1 << count) - 1, count)
-    return pos
+def _append(buf, w, acc, nacc, v, nb):
+    """Append the nb (1..63) low bits of v, most significant first, to a bit string kept
+    as words written so far (buf[:w]) and `nacc` pending bits left-aligned in `acc`."""
+    free = 64 - nacc
+    if nb < free:
+        return w, acc | (np.uint64(v) << np.uint64(free - nb)), nacc + nb
+    over = nb - free
+    buf[w] = acc | (np.uint64(v) >> np.uint64(over))
+    acc = (np.uint64(v) << np.uint64(64 - over)) if over else np.uint64(0)
+    return w + 1, acc, over
 
 
 @nb.njit(**_SEQ)
@@ -105,22 +96,29 @@ def _encode_row_golomb(sym, tab, base, root_w, k, out):
     cols = sym.shape[0]
     if cols == 0:
         return 0
-    buf = np.zeros((cols * (k + 2) + (cols >> k) + 128) // 64, np.uint64)
-    pos = 0
+    buf = np.empty((cols * (k + 2) + (cols >> k) + 128) // 64, np.uint64)
+    w = 0
+    acc = np.uint64(0)
+    nacc = 0
     last = 0
+    low = (1 << k) - 1
     for i in range(cols):
         y = sym[i]
         if y != 0:
             run = i - last
-            pos = _put_ones(buf, pos, run >> k)
-            pos = _put_bits(buf, pos, ((run & ((1 << k) - 1)) << 1) | (1 if y == 2 else 0), k + 2)
+            u = run >> k
+            while u > 32:                       # long runs: unary ones in chunks
+                w, acc, nacc = _append(buf, w, acc, nacc, 0xFFFFFFFF, 32)
+                u -= 32
+            # one append an event: u ones (U:1), a 0 (U:0), k remainder bits, the sign
+            v = (((1 << u) - 1) << (k + 2)) | ((run & low) << 1) | (1 if y == 2 else 0)
+            w, acc, nacc = _append(buf, w, acc, nacc, v, u + k + 2)
             last = i + 1
-    nbits = pos
-    first_free = nbits >> 6
-    if nbits & 63:
-        buf[first_free] |= _ONES >> np.uint64(nbits & 63)
-        first_free += 1
-    for j in range(first_free, buf.shape[0]):
+    nbits = w * 64 + nacc
+    if nacc:
+        buf[w] = acc | (_ONES >> np.uint64(nacc))
+        w += 1
+    for j in range(w, buf.shape[0]):
         buf[j] = _ONES
     # The decisions before bit nbits cover the symbols up to the last nonzero; each
     # padding decision (U:1) covers m more, so coverage needs no table of lengths.
@@ -130,15 +128,15 @@ def _encode_row_golomb(sym, tab, base, root_w, k, out):
     pos = 0
     while pos < nbits or last + m * (pos - nbits) < cols:
         t = base[state]
-        w = root_w[state]
+        width = root_w[state]
         while True:
-            e = tab[t + _peek(buf, pos, w)]
+            e = tab[t + _peek(buf, pos, width)]
             if e >= 0:
                 break
-            pos += w
+            pos += width
             x = ~e
             t = x >> 5
-            w = x & 31
+            width = x & 31
         pos += (e >> 16) & 0x1F
         out[n] = e & 0xFFFF
         n += 1
