@@ -196,7 +196,7 @@ def encode(symbols: np.ndarray, d: Dictionary) -> tuple[np.ndarray, np.ndarray]:
 # ---------------------------------------------------------------- decoder
 
 @nb.njit(**_SEQ)
-def _decode_row(codes, start, n, cols, rec, lb, kb, s0, sp, ns, sym_out, f_out, lo, hi, mode):
+def _decode_row(codes, start, n, cols, rec, lb, kb, s0, sp, chain, sym_out, f_out, lo, hi, mode):
     """mode 0: write symbols into sym_out; mode 1: write lo/hi values into f_out. The row
     is zeroed here, just before the scatter, while it is in cache. Returns a ROW_* status."""
     if mode == 0:
@@ -215,11 +215,13 @@ def _decode_row(codes, start, n, cols, rec, lb, kb, s0, sp, ns, sym_out, f_out, 
         if pos >= cols:
             return 1
         e = (state << 16) | codes[start + j]
-        # the state chain runs through the small next_state table (L2-resident), so the
-        # loads of the records of successive codewords can overlap
-        state = ns[e]
+        # the state and position chains run through the small chain table (next_state |
+        # length << 8, L2-resident), so the loads of the records of successive codewords
+        # stay off the critical path and overlap
+        c = chain[e]
+        state = c & 0xFF
+        length = np.int64(c >> 8)
         x = rec[e, 0]
-        length = np.int64(x & lmask)
         nnz = np.int64((x >> ulb) & kmask)
         x >>= head
         left = s0
@@ -246,25 +248,25 @@ def _decode_row(codes, start, n, cols, rec, lb, kb, s0, sp, ns, sym_out, f_out, 
 
 
 @nb.njit(**_PAR)
-def _decode_symbols(codes, offsets, cols, rec, lb, kb, s0, sp, ns, out, status):
+def _decode_symbols(codes, offsets, cols, rec, lb, kb, s0, sp, chain, out, status):
     dummy = np.zeros(1, np.float32)
     for r in nb.prange(out.shape[0]):
         status[r] = _decode_row(codes, offsets[r], offsets[r + 1] - offsets[r], cols,
-                                rec, lb, kb, s0, sp, ns, out[r], dummy,
+                                rec, lb, kb, s0, sp, chain, out[r], dummy,
                                 0.0, 0.0, 0)
 
 
 @nb.njit(**_PAR)
-def _decode_values(codes, offsets, cols, rec, lb, kb, s0, sp, ns, lo, hi, out, status):
+def _decode_values(codes, offsets, cols, rec, lb, kb, s0, sp, chain, lo, hi, out, status):
     dummy = np.zeros(1, np.int8)
     for r in nb.prange(out.shape[0]):
         status[r] = _decode_row(codes, offsets[r], offsets[r + 1] - offsets[r], cols,
-                                rec, lb, kb, s0, sp, ns, dummy, out[r],
+                                rec, lb, kb, s0, sp, chain, dummy, out[r],
                                 lo[r], hi[r], 1)
 
 
 def _records(d: Dictionary):
-    return (*d.runtime_records(), d.next_state.reshape(-1))
+    return (*d.runtime_records(), d.runtime_chain())
 
 
 def row_offsets(row_codes: np.ndarray, n_codes: int, cols: int, where: str = "tensor") -> np.ndarray:

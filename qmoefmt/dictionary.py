@@ -43,6 +43,7 @@ class Dictionary:
     encoder: object = field(default=None, repr=False, compare=False)
     _runtime: object = field(default=None, repr=False, compare=False)
     _content_id: str | None = field(default=None, repr=False, compare=False)
+    _chain: object = field(default=None, repr=False, compare=False)
 
     @property
     def n_states(self) -> int:
@@ -77,6 +78,15 @@ class Dictionary:
                 rec[:, word] |= slot << u(at)
             self._runtime = (rec, lb, kb, s0, sp)
         return self._runtime
+
+    def runtime_chain(self) -> np.ndarray:
+        """uint32 next_state | length << 8 per (state, codeword): what the decoder needs to
+        find the next codeword's state and position, in a table a quarter of the records'
+        size."""
+        if self._chain is None:
+            self._chain = (self.next_state.astype(np.uint32)
+                           | self.length.astype(np.uint32) << 8).reshape(-1)
+        return self._chain
 
     def tables(self) -> dict[str, np.ndarray]:
         return {name: getattr(self, name) for name, _ in TABLES}
