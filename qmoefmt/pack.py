@@ -45,14 +45,17 @@ class PackOptions:
     method: str = "rtn"
     bits: str = "ternary"             # "ternary" | "2" | "3" | "4"
     group_size: int | None = None     # k-bit only: scale/zero per this many columns
+    calibration: str | None = None    # gptq only: a calibration file (spec/calibration-v1.md)
 
     def validate(self) -> None:
         if self.dictionary not in ("auto", "qmoe-2023"):
             raise PackError(f"--dictionary must be auto or qmoe-2023, not {self.dictionary!r}")
         if self.bits not in ("ternary", "2", "3", "4"):
             raise PackError(f"--bits must be ternary, 2, 3 or 4, not {self.bits!r}")
-        if self.method != "rtn":
-            raise PackError(f"--method {self.method} is not supported by pack yet")
+        if self.method not in ("rtn", "gptq"):
+            raise PackError(f"--method must be rtn or gptq, not {self.method!r}")
+        if (self.method == "gptq") != (self.calibration is not None):
+            raise PackError("--method gptq needs --calibration FILE, and only it takes one")
         if self.group_size is not None and (self.bits == "ternary" or self.group_size < 1):
             raise PackError("--group-size needs --bits 2, 3 or 4 and a positive size")
         if not self.experts and not self.preset:
@@ -124,7 +127,7 @@ def load_source(src, expert: bool, options: PackOptions):
     a = src.read()
     rows = None
     if expert:
-        if src.dtype == "bfloat16" and options.bits == "ternary":
+        if src.dtype == "bfloat16" and options.bits == "ternary" and options.method == "rtn":
             cols = a.shape[-1]
             rows = a.view(np.uint16).reshape(math.prod(a.shape[:-1]), cols)
         else:
@@ -133,7 +136,7 @@ def load_source(src, expert: bool, options: PackOptions):
 
 
 def prepare_tensor(path: str, name: str, loaded, dtype: str, expert: bool,
-                   options: PackOptions, writer: StoreWriter) -> tuple[dict, dict]:
+                   options: PackOptions, writer: StoreWriter, calibration=None) -> tuple[dict, dict]:
     """Quantize and code one tensor: its index record (arrays still to be written) and
     the arrays to write, {name: (ndarray, logical dtype)}."""
     a, sha, rows = loaded
@@ -143,17 +146,28 @@ def prepare_tensor(path: str, name: str, loaded, dtype: str, expert: bool,
         data = a.view(np.uint16) if dtype == "bfloat16" else a
         record["codec"] = layout.CODEC_DENSE
         return record, {"data": (data, layout.logical_dtype(layout.CODEC_DENSE, dtype, "data"))}
-    if options.bits != "ternary":
+    if options.method == "gptq":
+        if not np.isfinite(rows).all():
+            raise PackError(f"tensor {name!r}: non-finite weights; refusing to quantize it")
+        result, quantizer = _gptq(name, rows, options, calibration)
+        if options.bits != "ternary":
+            return _uint_arrays(record, int(options.bits), options.group_size, rows.shape[1],
+                                result.codes, result.scales, result.zeros, quantizer)
+        sym = result.codes.numpy()
+        scales = np.stack([_bf16_bits(result.lo), _bf16_bits(result.hi)], axis=1)
+        counts = np.bincount(sym.reshape(-1), minlength=3)[:3].astype(np.int64)
+    elif options.bits != "ternary":
         return _prepare_uint(record, rows, int(options.bits), options.group_size)
-    try:
-        sym, scales, counts = quantize_rtn(rows, bf16_bits_input=rows.dtype == np.uint16)
-    except NonFiniteError as e:
-        raise PackError(f"tensor {name!r}: {e}; refusing to quantize it") from None
+    else:
+        try:
+            sym, scales, counts = quantize_rtn(rows, bf16_bits_input=rows.dtype == np.uint16)
+        except NonFiniteError as e:
+            raise PackError(f"tensor {name!r}: {e}; refusing to quantize it") from None
+        quantizer = {"method": "rtn", "grid": "qmoe-ternary"}
     d = choose_dictionary(options, counts, list(writer.dictionaries.values()))
     codes, row_codes = encode(sym, d)
     record.update(codec=layout.CODEC_TERNARY, dictionary=writer.add_dictionary(d),
-                  quantizer={"method": "rtn", "grid": "qmoe-ternary"},
-                  symbol_counts=[int(c) for c in counts])
+                  quantizer=quantizer, symbol_counts=[int(c) for c in counts])
     return record, {
         "codes": (codes, None),
         "row_codes": (row_codes, None),
@@ -179,23 +193,65 @@ def _write_behind(failed: threading.Event, writer: StoreWriter, record: dict, ar
         raise
 
 
+def _bf16_bits(values) -> np.ndarray:
+    """Float32 values that are exact in bf16 (the grids make them so) -> their bits."""
+    return (np.asarray(values, np.float32).view(np.uint32) >> 16).astype(np.uint16)
+
+
+def _gptq(name: str, rows: np.ndarray, options: PackOptions, calibration):
+    """GPTQ on one expert with its Hessian; an expert the file lacks, or that saw no
+    tokens, falls back to round to nearest (recorded in its quantizer)."""
+    import torch
+
+    from . import gptq
+    cols = rows.shape[1]
+    W = torch.from_numpy(rows)
+    present = name in calibration
+    H = calibration.hessian(name, cols) if present else torch.zeros(cols, cols)
+    if options.bits == "ternary":
+        result = gptq.gptq_ternary(W, H)
+        grid = "qmoe-ternary"
+    else:
+        result = gptq.gptq_kbit(W, H, int(options.bits), options.group_size)
+        grid = "minmax-asymmetric"
+    status = result.status[0] if present else "rtn-no-calibration"
+    return result, {"method": "gptq", "grid": grid, "damp": 0.1, "status": status,
+                    "tokens": calibration.tokens.get(name, 0)}
+
+
 def _prepare_uint(record: dict, rows: np.ndarray, bits: int, group_size: int | None):
     import torch
 
     from .quantizers import kbit_rtn
-    cols = rows.shape[1]
     q, scales, zeros = kbit_rtn(torch.from_numpy(rows), bits, group_size)
+    return _uint_arrays(record, bits, group_size, rows.shape[1], q, scales, zeros,
+                        {"method": "rtn", "grid": "minmax-asymmetric"})
+
+
+def _uint_arrays(record: dict, bits: int, group_size: int | None, cols: int, q, scales, zeros,
+                 quantizer: dict):
     groups = -(-cols // (group_size or max(cols, 1)))   # spec §12: 0 groups for 0 columns
-    scales, zeros = scales[:, :groups], zeros[:, :groups]
-    # kbit_rtn's scales are bf16 values already: the top 16 bits are exact
-    scale_bits = (scales.numpy().astype(np.float32).view(np.uint32) >> 16).astype(np.uint16)
     record.update(codec=layout.CODEC_UINT, bits=bits, group_size=group_size or max(cols, 1),
-                  quantizer={"method": "rtn", "grid": "minmax-asymmetric"})
+                  quantizer=quantizer)
     return record, {
-        "q": (uintpack.pack_levels(q.numpy(), bits), None),
-        "scales": (scale_bits, layout.logical_dtype(layout.CODEC_UINT, record["dtype"], "scales")),
-        "zeros": (zeros.numpy().astype(np.uint8), None),
+        "q": (uintpack.pack_levels(np.asarray(q, np.uint8), bits), None),
+        "scales": (_bf16_bits(np.asarray(scales)[:, :groups]),
+                   layout.logical_dtype(layout.CODEC_UINT, record["dtype"], "scales")),
+        "zeros": (np.asarray(zeros, np.uint8)[:, :groups], None),
     }
+
+
+def _pack_meta(options: PackOptions) -> dict:
+    """The options as the root records them; a calibration file by name and content, so
+    the same inputs give the same store wherever the file lies."""
+    meta = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(options).items()}
+    if options.calibration is not None:
+        h = hashlib.sha256()
+        with open(options.calibration, "rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                h.update(block)
+        meta["calibration"] = {"name": os.path.basename(options.calibration), "sha256": h.hexdigest()}
+    return meta
 
 
 def store_size(root: Path) -> int:
@@ -218,11 +274,15 @@ def pack(input_path, output_path, options: PackOptions, resume: bool = False,
         meta = {
             "format_version": options.format_version,
             "writer": {"name": "qmoefmt", "version": __version__},
-            "pack": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(options).items()},
+            "pack": _pack_meta(options),
             "plan": {"tensors": len(sources), "sha256": plan},
             "source": {"format": ckpt.format, "name": os.path.basename(os.path.normpath(input_path))},
         }
         writer = StoreWriter(output_path, meta, resume=resume)
+        calibration = None
+        if options.method == "gptq":
+            from .calibration import CalibrationFile
+            calibration = CalibrationFile(options.calibration)
         experts = [is_expert(selector, src.name, src.shape, src.dtype) for src in sources]
         done = [writer.finished_record(p) if resume else None for p in paths]
         done = [r if r is not None and r.get("name") == src.name else None
@@ -253,7 +313,7 @@ def pack(input_path, output_path, options: PackOptions, resume: bool = False,
                         j = todo[cursor]
                         pending[j] = prefetch.submit(load_source, sources[j], experts[j], options)
                     record, arrays = prepare_tensor(path, src.name, loaded, src.dtype,
-                                                    experts[i], options, writer)
+                                                    experts[i], options, writer, calibration)
                     del loaded
                     writes.append(write_behind.submit(_write_behind, failed, writer, record, arrays))
                     while len(writes) > 2:
