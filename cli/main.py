@@ -104,6 +104,51 @@ def pack(input_path, output, experts, preset, dictionary, method, calibration, b
         f"  dictionaries  {len(s.dictionaries)}")
 
 
+BUNDLED_MODEL = "fixtures/moe-tiny/model.safetensors"
+
+
+@main.command()
+@click.argument("output", type=click.Path(dir_okay=False))
+@click.option("--model", "model_path", default=BUNDLED_MODEL, show_default=True,
+              type=click.Path(exists=True, dir_okay=False),
+              help="A checkpoint of the bundled SwitchMoELM (qmoefmt.moe_model).")
+@click.option("--tokens", type=click.IntRange(min=1), default=65536, show_default=True,
+              help="Calibration tokens, taken from the training split.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@clean_errors
+def calibrate(output, model_path, tokens, as_json):
+    """Collect the expert-input Hessians of the bundled MoE model on its training text
+    into OUTPUT (a calibration file, spec/calibration-v1.md) for `pack --method gptq`.
+    Other PyTorch models: qmoefmt.calibration.HessianCollector."""
+    import torch
+
+    from qmoefmt.calibration import HessianCollector
+    from qmoefmt.moe_model import load_model, token_windows
+    from qmoefmt.selection import ExpertSelector
+    from qmoefmt.textdata import train_tokens
+
+    model = load_model(model_path).eval()
+    ctx = model.config.context
+    windows = token_windows(train_tokens(), ctx)[:, :-1]
+    windows = windows[: max(1, -(-tokens // ctx))]
+    batches = torch.split(windows, 16)
+    with HessianCollector(model, ExpertSelector(preset="switch")) as c, torch.no_grad(), \
+            _bar(len(batches), "batch", "calibrate") as bar:
+        for b in batches:
+            model(b)
+            bar.update(1)
+        c.save(output)
+    idle = sorted(n for n, k in c.tokens.items() if k == 0)
+    summary = {"output": output, "experts": len(c.tokens), "tokens": int(windows.numel()),
+               "experts_without_tokens": idle}
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+    else:
+        click.echo(f"wrote Hessians of {len(c.tokens)} experts from {windows.numel():,} tokens "
+                   f"to {output}" + (f"; {len(idle)} experts got no tokens (they will be "
+                                     "rounded to nearest)" if idle else ""))
+
+
 @main.command()
 @click.argument("store", type=click.Path(exists=True))
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")

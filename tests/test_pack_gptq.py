@@ -75,3 +75,19 @@ def test_cli_gptq(model):
                                  str(tmp / "cal.safetensors"), "--json"])
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["expert_tensors"] == 3
+
+
+def test_calibrate_the_bundled_model(tmp_path):
+    from qmoefmt.calibration import CalibrationFile
+    out = tmp_path / "cal.safetensors"
+    r = CliRunner().invoke(cli, ["calibrate", str(out), "--tokens", "600", "--model",
+                                 "fixtures/moe-tiny/model.safetensors", "--json"])
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.stdout)
+    assert summary["experts"] == 64 and summary["tokens"] == 768      # whole windows
+    f = CalibrationFile(out)
+    assert len(f.names()) == 64
+    # every layer's experts saw every token exactly once (top-1 routing)
+    for layer in range(4):
+        assert sum(f.tokens[f"blocks.{layer}.mlp.experts.expert_{j}.wi.weight"] for j in range(8)) == 768
+    assert f.hessian("blocks.0.mlp.experts.expert_0.wo.weight", 512).shape == (512, 512)
