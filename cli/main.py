@@ -193,15 +193,17 @@ def inspect(store, as_json, show_all):
 @clean_errors
 def verify(store, deep, as_json):
     """Check a store's checksums and structure; exit 0 only if sound and complete."""
-    import qmoefmt
     from qmoefmt.verify import verify as run_verify
 
-    try:
-        n = len(qmoefmt.open(store))
-    except QmoeError:
-        n = 0   # verify reports why
-    with _bar(n, "tensor", "verify") as bar:
-        problems = run_verify(store, deep=deep, progress=bar.update)
+    opened = {"n": 0}
+
+    def on_open(n):
+        opened["n"] = bar.total = n
+        bar.refresh()
+
+    with _bar(None, "tensor", "verify") as bar:
+        problems = run_verify(store, deep=deep, progress=bar.update, on_open=on_open)
+    n = opened["n"]
     if as_json:
         click.echo(json.dumps({"ok": not problems, "deep": deep,
                                "problems": [{"where": p.where, "what": p.what} for p in problems]},

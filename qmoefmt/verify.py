@@ -17,8 +17,8 @@ from . import layout
 from .codec import encode
 from .dict_golomb import build_golomb
 from .dict_qmoe import build_qmoe2023
-from .errors import FormatError, QmoeError
-from .store_reader import Store, read_root
+from .errors import FormatError, IncompleteStoreError, QmoeError
+from .store_reader import Store
 from .store_writer import dictionary_group_doc, tensor_group_doc
 
 
@@ -71,20 +71,21 @@ def _canonical_dictionary(entry: dict):
     return None
 
 
-def verify(path, deep: bool = False, progress=None) -> list[Problem]:
+def verify(path, deep: bool = False, progress=None, on_open=None) -> list[Problem]:
+    """`on_open(n_tensors)` is called once the root is read (the CLI sizes its progress
+    bar with it); `progress(1)` after each tensor."""
     root = Path(path)
     problems: list[Problem] = []
     try:
-        meta = read_root(root)
-    except QmoeError as e:
-        return [Problem(getattr(e, "where", str(root)), getattr(e, "what", str(e)))]
-    if meta.get("complete") is not True:
+        store = Store(root)          # the one read of the root: checksum, version, index
+    except IncompleteStoreError:
         return [Problem(str(root / layout.ROOT_META),
                         "store is incomplete: its pack did not finish (use pack --resume)")]
-    try:
-        store = Store(root)
     except QmoeError as e:
         return [Problem(getattr(e, "where", str(root)), getattr(e, "what", str(e)))]
+    meta = store.meta
+    if on_open:
+        on_open(len(store))
 
     expected_files = {root / layout.ROOT_META}
     for group in (layout.TENSORS, layout.DICTIONARIES):
