@@ -19,7 +19,6 @@ import numpy as np
 from .dictionary import Dictionary
 from .errors import FormatError
 
-ROW_OK = 0
 ROW_EXTRA_CODES = 1     # a codeword starts at or past the row's end
 ROW_SHORT = 2           # the codewords expand to fewer symbols than the row has
 ROW_NONZERO_PAD = 3     # a nonzero symbol falls past the row's end

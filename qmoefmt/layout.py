@@ -38,7 +38,6 @@ STORED_DTYPE = {
 
 TERNARY_ARRAYS = ("codes", "row_codes", "scales")
 UINT_ARRAYS = ("q", "scales", "zeros")
-DICTIONARY_ARRAYS = ("length", "next_state", "nnz", "nz_pos", "nz_sym")
 
 
 def logical_dtype(codec: str, dtype: str, array: str) -> str | None:

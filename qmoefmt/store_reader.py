@@ -15,8 +15,9 @@ import numpy as np
 
 from . import layout, uintpack
 from .codec import decode_symbols, decode_values
-from .dictionary import CODEWORDS, Dictionary, validate_tables
+from .dictionary import CODEWORDS, TABLES, Dictionary, validate_tables
 from .errors import FormatError, IncompleteStoreError, LimitError, VersionError
+from .ternary import bf16_to_float32, scales_to_float
 from .layout import crc32c
 
 # Resource limits (spec §9), enforced before allocation.
@@ -228,7 +229,7 @@ class Tensor:
         zeros = np.asarray(self.array("zeros", check_crc))
         if zeros.size and int(zeros.max()) >= (1 << bits):
             raise FormatError(f"{where}/zeros", f"zero point >= 2**{bits}")
-        scales = (np.asarray(self.array("scales", check_crc), np.uint32) << 16).view(np.float32)
+        scales = bf16_to_float32(self.array("scales", check_crc))
         if not np.isfinite(scales).all():
             raise FormatError(f"{where}/scales", "scales must be finite")
         return levels, scales, zeros
@@ -250,9 +251,7 @@ class Tensor:
         return sym.reshape(self.shape)
 
     def scales(self, check_crc: bool = True) -> tuple[np.ndarray, np.ndarray]:
-        s = self.array("scales", check_crc)
-        f = (np.asarray(s, np.uint32) << 16).view(np.float32)
-        lo, hi = np.ascontiguousarray(f[:, 0]), np.ascontiguousarray(f[:, 1])
+        lo, hi = scales_to_float(self.array("scales", check_crc))
         bad = ~(np.isfinite(lo) & np.isfinite(hi) & (lo <= 0) & (hi >= 0))
         if bad.any():
             raise FormatError(f"{self._store.path}/{self.path}/scales",
@@ -406,8 +405,8 @@ class Store:
             raise FormatError(where, f"dictionary {cid!r} has path {node!r}")
         arrays = entry.get("arrays")
         tables = {}
-        for name, dt in (("length", "uint16"), ("next_state", "uint8"), ("nnz", "uint8"),
-                         ("nz_pos", "uint16"), ("nz_sym", "uint8")):
+        for name, np_dt in TABLES:
+            dt = str(np_dt.newbyteorder("="))
             if not isinstance(arrays, dict) or name not in arrays:
                 raise FormatError(where, f"array {name!r} missing from the index")
             arr = check_array_file(self.path, f"{node}/{name}", arrays[name], True, dt)

@@ -109,7 +109,12 @@ def quantize_rtn(x: np.ndarray, bf16_bits_input: bool = False) -> tuple[np.ndarr
     return sym, scales, counts.sum(axis=0)
 
 
+def bf16_to_float32(bits: np.ndarray) -> np.ndarray:
+    """uint16 bfloat16 bits -> float32 values (exact)."""
+    return (np.asarray(bits, np.uint32) << 16).view(np.float32)
+
+
 def scales_to_float(scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """uint16 bf16 bits [rows, 2] -> (lo, hi) float32."""
-    f = (scales.astype(np.uint32) << 16).view(np.float32)
+    f = bf16_to_float32(scales)
     return np.ascontiguousarray(f[:, 0]), np.ascontiguousarray(f[:, 1])
