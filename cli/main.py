@@ -68,6 +68,9 @@ def main():
               help="rtn: round to nearest; gptq: data-dependent, needs --calibration.")
 @click.option("--calibration", type=click.Path(exists=True, dir_okay=False),
               help="GPTQ: Hessians of the expert inputs (spec/calibration-v1.md).")
+@click.option("--act-order/--no-act-order", default=None,
+              help="GPTQ: columns by decreasing Hessian diagonal (default: on for 2/3/4 bits, "
+                   "off for ternary, as measured best by bench/quality.py).")
 @click.option("--bits", type=click.Choice(["ternary", "2", "3", "4"]), default="ternary",
               show_default=True, help="ternary: dictionary-coded; 2/3/4: bit-packed (format 1.1).")
 @click.option("--group-size", type=click.IntRange(min=1), default=None,
@@ -75,15 +78,15 @@ def main():
 @click.option("--resume", is_flag=True, help="Finish an interrupted pack into OUTPUT.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @clean_errors
-def pack(input_path, output, experts, preset, dictionary, method, calibration, bits, group_size,
-         resume, as_json):
+def pack(input_path, output, experts, preset, dictionary, method, calibration, act_order, bits,
+         group_size, resume, as_json):
     """Pack the checkpoint INPUT (safetensors, .pt/.bin, HDF5) into the store OUTPUT."""
     from qmoefmt.checkpoint import open_checkpoint
     from qmoefmt.pack import PackOptions, pack as run_pack
 
     options = PackOptions(experts=tuple(experts), preset=preset, dictionary=dictionary,
                           method=method, bits=bits, group_size=group_size,
-                          calibration=calibration)
+                          calibration=calibration, act_order=act_order)
     options.validate()
     with open_checkpoint(input_path) as ckpt:
         total = sum(s.nbytes for s in ckpt.tensors())

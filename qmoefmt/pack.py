@@ -31,6 +31,9 @@ from .store_writer import StoreWriter, write_arrays
 from .ternary import NonFiniteError, quantize_rtn
 
 FLOAT_DTYPES = ("bfloat16", "float16", "float32", "float64")
+# GPTQ column order by default: act-order (decreasing diag H) where it measured better on
+# the bundled model (bench/quality.py), QMoE's plain order elsewhere.
+GPTQ_ACT_ORDER = {"ternary": False, "2": True, "3": True, "4": True}
 
 
 class PackError(QmoeError):
@@ -46,6 +49,7 @@ class PackOptions:
     bits: str = "ternary"             # "ternary" | "2" | "3" | "4"
     group_size: int | None = None     # k-bit only: scale/zero per this many columns
     calibration: str | None = None    # gptq only: a calibration file (spec/calibration-v1.md)
+    act_order: bool | None = None     # gptq only: None = the grid's default (GPTQ_ACT_ORDER)
 
     def validate(self) -> None:
         if self.dictionary not in ("auto", "qmoe-2023"):
@@ -56,10 +60,16 @@ class PackOptions:
             raise PackError(f"--method must be rtn or gptq, not {self.method!r}")
         if (self.method == "gptq") != (self.calibration is not None):
             raise PackError("--method gptq needs --calibration FILE, and only it takes one")
+        if self.act_order is not None and self.method != "gptq":
+            raise PackError("--act-order/--no-act-order need --method gptq")
         if self.group_size is not None and (self.bits == "ternary" or self.group_size < 1):
             raise PackError("--group-size needs --bits 2, 3 or 4 and a positive size")
         if not self.experts and not self.preset:
             raise PackError("no experts selected: give --experts GLOB or --preset NAME")
+
+    @property
+    def gptq_act_order(self) -> bool:
+        return GPTQ_ACT_ORDER[self.bits] if self.act_order is None else self.act_order
 
     @property
     def format_version(self) -> str:
@@ -208,15 +218,16 @@ def _gptq(name: str, rows: np.ndarray, options: PackOptions, calibration):
     W = torch.from_numpy(rows)
     present = name in calibration
     H = calibration.hessian(name, cols) if present else torch.zeros(cols, cols)
+    act_order = options.gptq_act_order
     if options.bits == "ternary":
-        result = gptq.gptq_ternary(W, H)
+        result = gptq.gptq_ternary(W, H, act_order=act_order)
         grid = "qmoe-ternary"
     else:
-        result = gptq.gptq_kbit(W, H, int(options.bits), options.group_size)
+        result = gptq.gptq_kbit(W, H, int(options.bits), options.group_size, act_order=act_order)
         grid = "minmax-asymmetric"
     status = result.status[0] if present else "rtn-no-calibration"
-    return result, {"method": "gptq", "grid": grid, "damp": 0.1, "status": status,
-                    "tokens": calibration.tokens.get(name, 0)}
+    return result, {"method": "gptq", "grid": grid, "damp": 0.1, "act_order": act_order,
+                    "status": status, "tokens": calibration.tokens.get(name, 0)}
 
 
 def _prepare_uint(record: dict, rows: np.ndarray, bits: int, group_size: int | None):

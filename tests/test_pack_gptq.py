@@ -48,7 +48,8 @@ def test_gptq_pack_matches_gptq(model, bits):
         assert t.record["quantizer"]["status"] == status
         W = torch.from_numpy(w[name])
         Hn = H.get(name, torch.zeros(40, 40))
-        r = gptq.gptq_ternary(W, Hn) if bits == "ternary" else gptq.gptq_kbit(W, Hn, 2)
+        r = gptq.gptq_ternary(W, Hn) if bits == "ternary" else gptq.gptq_kbit(W, Hn, 2, act_order=True)
+        assert t.record["quantizer"]["act_order"] == (bits != "ternary")
         assert np.array_equal(t.symbols(), r.codes.numpy())
         assert np.array_equal(t.decode(), r.dequantized.numpy())
     # GPTQ must beat RTN on the calibrated expert's outputs
@@ -58,6 +59,20 @@ def test_gptq_pack_matches_gptq(model, bits):
     err = lambda Q: float(torch.trace((W - Q) @ X @ (W - Q).T))  # noqa: E731
     r_rtn = gptq.gptq_ternary(W, torch.zeros(40, 40)) if bits == "ternary" else gptq.gptq_kbit(W, torch.zeros(40, 40), 2)
     assert err(torch.from_numpy(rtn.decode())) < err(r_rtn.dequantized)
+
+
+def test_act_order_can_be_chosen(model):
+    tmp, w, H = model
+    for act_order in (False, True):
+        out = tmp / f"s{act_order}"
+        pack(tmp / "m.safetensors", out, PackOptions(experts=("*experts*",), method="gptq", bits="3",
+             calibration=str(tmp / "cal.safetensors"), act_order=act_order))
+        t = qmoefmt.open(out)[NAMES[0]]
+        r = gptq.gptq_kbit(torch.from_numpy(w[NAMES[0]]), H[NAMES[0]], 3, act_order=act_order)
+        assert t.record["quantizer"]["act_order"] is act_order
+        assert np.array_equal(t.symbols(), r.codes.numpy())
+    with pytest.raises(PackError, match="act-order"):
+        PackOptions(experts=("*",), act_order=True).validate()
 
 
 def test_gptq_needs_calibration_and_rtn_refuses_one(model):
