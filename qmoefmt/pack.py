@@ -208,16 +208,38 @@ def _bf16_bits(values) -> np.ndarray:
     return (np.asarray(values, np.float32).view(np.uint32) >> 16).astype(np.uint16)
 
 
-def _gptq(name: str, rows: np.ndarray, options: PackOptions, calibration):
-    """GPTQ on one expert with its Hessian; an expert the file lacks, or that saw no
-    tokens, falls back to round to nearest (recorded in its quantizer)."""
+def _gptq(name: str, rows: np.ndarray, options: PackOptions, calibration, shape=None):
+    """GPTQ on one expert tensor with its Hessian. `rows` is the tensor as [prod(shape[:-1]),
+    cols]: a 2-D weight, or experts fused into one weight [E, out, in], which the file gives
+    an [E, in, in] Hessian and E token counts (calibration 1.1). Fused experts go through
+    GPTQ as one batch, each exactly as if alone; results come back as rows either way. An
+    expert the file lacks, or that saw no tokens, falls back to round to nearest, recorded
+    in the quantizer: `status` and `tokens` per tensor, or lists of E of them for fused
+    experts. `shape`, if given, is the tensor's, checked against the Hessian."""
     import torch
 
     from . import gptq
     cols = rows.shape[1]
     W = torch.from_numpy(rows)
     present = name in calibration
-    H = calibration.hessian(name, cols) if present else torch.zeros(cols, cols)
+    count = calibration.tokens.get(name, 0)
+    if shape is None and isinstance(count, list):
+        # A caller that knows only the rows: the file's count list says the tensor is fused.
+        if not count or rows.shape[0] % len(count):
+            raise PackError(f"tensor {name!r}: {rows.shape[0]} rows do not split into the "
+                            f"{len(count)} experts of its Hessian in "
+                            f"{getattr(calibration, 'path', 'the calibration')}")
+        shape = (len(count), rows.shape[0] // len(count), cols)
+    if present and shape is not None and len(shape) == 3:
+        shape = tuple(shape)
+        if math.prod(shape[:-1]) != rows.shape[0] or shape[-1] != cols:
+            raise PackError(f"tensor {name!r}: rows {list(rows.shape)} are not of shape "
+                            f"{list(shape)}")
+        H = calibration.hessian(name, shape)
+        W = W.reshape(shape)
+    else:
+        # an int for a 2-D weight: what sequential's in-memory calibration also takes
+        H = calibration.hessian(name, cols) if present else torch.zeros(cols, cols)
     act_order = options.gptq_act_order
     if options.bits == "ternary":
         result = gptq.gptq_ternary(W, H, act_order=act_order)
@@ -225,9 +247,18 @@ def _gptq(name: str, rows: np.ndarray, options: PackOptions, calibration):
     else:
         result = gptq.gptq_kbit(W, H, int(options.bits), options.group_size, act_order=act_order)
         grid = "minmax-asymmetric"
-    status = result.status[0] if present else "rtn-no-calibration"
+    if W.dim() == 3:
+        from dataclasses import replace
+
+        def as_rows(t):     # [E, out, ...] -> [E * out, ...], as the codecs take them
+            return None if t is None else t.reshape(rows.shape[0], *t.shape[2:])
+        status = result.status
+        result = replace(result, **{f: as_rows(getattr(result, f)) for f in
+                                    ("codes", "dequantized", "lo", "hi", "scales", "zeros")})
+    else:
+        status = result.status[0] if present else "rtn-no-calibration"
     return result, {"method": "gptq", "grid": grid, "damp": 0.1, "act_order": act_order,
-                    "status": status, "tokens": calibration.tokens.get(name, 0)}
+                    "status": status, "tokens": count}
 
 
 def _prepare_uint(record: dict, rows: np.ndarray, bits: int, group_size: int | None):

@@ -12,16 +12,25 @@ from collections.abc import Iterable
 
 PRESETS: dict[str, list[str]] = {
     # encoder.block.1.layer.1.mlp.experts.expert_3.wi.weight (decoder blocks alike);
-    # the router is mlp.router.classifier.weight and stays out.
+    # the router is mlp.router.classifier.weight and stays out. transformers 5 keeps Switch's
+    # experts as one nn.Linear each, so checkpoint and module names agree.
     "switch": [
         "*mlp.experts.expert_*.wi.weight",
         "*mlp.experts.expert_*.wo.weight",
     ],
-    # model.layers.0.block_sparse_moe.experts.5.w1.weight; the router is ...block_sparse_moe.gate.
+    # Checkpoints (what transformers' save_pretrained writes, 4.x and 5.x alike):
+    # model.layers.0.block_sparse_moe.experts.5.w1.weight [I, H] (w1 gate, w3 up, w2 down);
+    # the router is ...block_sparse_moe.gate.weight. In memory, transformers 5 fuses each
+    # layer's experts into model.layers.0.mlp.experts.gate_up_proj [E, 2I, H] and
+    # ...down_proj [E, H, I] (router ...mlp.gate.weight): HessianCollector sees those names,
+    # and so does pack for a checkpoint saved from the module's state_dict. The same fused
+    # names serve every transformers MoE built like Mixtral's (Qwen2/3-MoE, OLMoE, ...).
     "mixtral": [
         "*block_sparse_moe.experts.*.w1.weight",
         "*block_sparse_moe.experts.*.w2.weight",
         "*block_sparse_moe.experts.*.w3.weight",
+        "*mlp.experts.gate_up_proj",
+        "*mlp.experts.down_proj",
     ],
 }
 

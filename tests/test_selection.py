@@ -26,6 +26,9 @@ MIXTRAL_EXPERTS = [
     "model.layers.0.block_sparse_moe.experts.5.w2.weight",
     "model.layers.31.block_sparse_moe.experts.7.w3.weight",
     "layers.2.block_sparse_moe.experts.0.w1.weight",
+    # transformers 5's fused experts, as modules name them (and state_dict checkpoints)
+    "model.layers.0.mlp.experts.gate_up_proj",
+    "model.layers.3.mlp.experts.down_proj",
 ]
 MIXTRAL_OTHERS = [
     "model.layers.0.block_sparse_moe.gate.weight",
@@ -36,6 +39,9 @@ MIXTRAL_OTHERS = [
     "model.norm.weight",
     "model.embed_tokens.weight",
     "lm_head.weight",
+    "model.layers.0.mlp.gate.weight",          # transformers 5's router, in memory
+    "model.layers.0.mlp.experts.gate_up_proj_bias",
+    "model.layers.0.mlp.shared_expert.gate_proj.weight",
 ]
 
 
