@@ -72,21 +72,26 @@ def main():
               help="GPTQ: columns by decreasing Hessian diagonal (default: on for 2/3/4 bits, "
                    "off for ternary, as measured best by bench/quality.py).")
 @click.option("--bits", type=click.Choice(["ternary", "2", "3", "4"]), default="ternary",
-              show_default=True, help="ternary: dictionary-coded; 2/3/4: bit-packed (format 1.1).")
+              show_default=True, help="ternary: dictionary-coded; 2/3/4: see --kbit-codec.")
+@click.option("--kbit-codec", type=click.Choice(["auto", "packed", "dict16"]), default="auto",
+              show_default=True,
+              help="2/3/4 bits: packed: plain bit-packing (format 1.1); dict16: signs "
+                   "dictionary-coded plus escapes (format 1.2); auto: dict16 where it is "
+                   "smaller, dictionaries included.")
 @click.option("--group-size", type=click.IntRange(min=1), default=None,
               help="2/3/4-bit: one scale and zero point per this many columns (default: per row).")
 @click.option("--resume", is_flag=True, help="Finish an interrupted pack into OUTPUT.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @clean_errors
 def pack(input_path, output, experts, preset, dictionary, method, calibration, act_order, bits,
-         group_size, resume, as_json):
+         kbit_codec, group_size, resume, as_json):
     """Pack the checkpoint INPUT (safetensors, .pt/.bin, HDF5) into the store OUTPUT."""
     from qmoefmt.checkpoint import open_checkpoint
     from qmoefmt.pack import PackOptions, pack as run_pack
 
     options = PackOptions(experts=tuple(experts), preset=preset, dictionary=dictionary,
                           method=method, bits=bits, group_size=group_size,
-                          calibration=calibration, act_order=act_order)
+                          calibration=calibration, act_order=act_order, kbit_codec=kbit_codec)
     options.validate()
     with open_checkpoint(input_path) as ckpt:
         total = sum(s.nbytes for s in ckpt.tensors())
@@ -102,9 +107,16 @@ def pack(input_path, output, experts, preset, dictionary, method, calibration, a
         f"  params        {s.params:,} ({s.expert_params:,} in experts)\n"
         f"  source        {s.source_bytes:,} bytes\n"
         f"  store         {s.store_bytes:,} bytes, {s.bits_per_param:.3f} bits/param\n"
-        f"  vs bf16       {d['ratio_vs_bf16']:.2f}x smaller\n"
+        f"  vs bf16       {_ratio_words(d['ratio_vs_bf16'])}\n"
         f"  time          {s.seconds:.2f} s ({s.params / s.seconds / 1e6:.1f} M params/s)\n"
         f"  dictionaries  {len(s.dictionaries)}")
+
+
+def _ratio_words(ratio) -> str:
+    """bf16 size over store size, in words (tiny stores are dominated by dictionaries)."""
+    if not ratio:
+        return "n/a (empty)"
+    return f"{ratio:.2f}x smaller" if ratio >= 1 else f"{1 / ratio:.2f}x larger"
 
 
 BUNDLED_MODEL = "fixtures/moe-tiny/model.safetensors"

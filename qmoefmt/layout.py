@@ -12,16 +12,20 @@ import re
 import crc32c as _crc32c
 import numpy as np
 
-FORMAT_VERSION = "1.1"          # the newest version this code reads and writes
-FORMAT_MAJOR, FORMAT_MINOR = 1, 1
+FORMAT_VERSION = "1.2"          # the newest version this code reads and writes
+FORMAT_MAJOR, FORMAT_MINOR = 1, 2
 
 CODEC_TERNARY = "qmoe.ternary-dict16"
 CODEC_DENSE = "qmoe.dense"
 CODEC_UINT = "qmoe.uint-packed"
-KNOWN_CODECS = (CODEC_TERNARY, CODEC_DENSE, CODEC_UINT)
-# A store declares the lowest version defining every codec it may use (spec §3), so that
+CODEC_UINT_DICT = "qmoe.uint-dict16"
+KNOWN_CODECS = (CODEC_TERNARY, CODEC_DENSE, CODEC_UINT, CODEC_UINT_DICT)
+# Codecs whose symbols are read through a dictionary (spec §5, §13).
+DICTIONARY_CODECS = (CODEC_TERNARY, CODEC_UINT_DICT)
+# A store declares the lowest version defining every codec it uses (spec §3), so that
 # readers of older minors still open stores that need nothing newer.
-CODEC_SINCE = {CODEC_TERNARY: "1.0", CODEC_DENSE: "1.0", CODEC_UINT: "1.1"}
+CODEC_SINCE = {CODEC_TERNARY: "1.0", CODEC_DENSE: "1.0", CODEC_UINT: "1.1",
+               CODEC_UINT_DICT: "1.2"}
 
 TENSORS = "tensors"
 DICTIONARIES = "dictionaries"
@@ -38,12 +42,22 @@ STORED_DTYPE = {
 
 TERNARY_ARRAYS = ("codes", "row_codes", "scales")
 UINT_ARRAYS = ("q", "scales", "zeros")
+UINT_DICT_ARRAYS = ("codes", "row_codes", "row_escapes", "escape_cols", "escape_levels",
+                    "scales", "zeros")
+CODEC_ARRAYS = {CODEC_TERNARY: TERNARY_ARRAYS, CODEC_DENSE: ("data",), CODEC_UINT: UINT_ARRAYS,
+                CODEC_UINT_DICT: UINT_DICT_ARRAYS}
+
+
+def lowest_version(codecs) -> str:
+    """The lowest format version defining all of `codecs` (spec §3)."""
+    return max((CODEC_SINCE[c] for c in codecs), key=lambda v: tuple(map(int, v.split("."))),
+               default="1.0")
 
 
 def logical_dtype(codec: str, dtype: str, array: str) -> str | None:
     """The logical dtype an array declares in its attributes when its stored data_type
     does not say it: bfloat16 scales, and bfloat16 dense data."""
-    if codec in (CODEC_TERNARY, CODEC_UINT) and array == "scales":
+    if codec in (CODEC_TERNARY, CODEC_UINT, CODEC_UINT_DICT) and array == "scales":
         return "bfloat16"
     if codec == CODEC_DENSE and array == "data" and dtype == "bfloat16":
         return "bfloat16"

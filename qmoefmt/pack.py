@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import layout, uintpack
+from . import layout, uintdict, uintpack
 from ._version import __version__
 from .checkpoint import open_checkpoint
 from .codec import encode
@@ -50,6 +50,7 @@ class PackOptions:
     group_size: int | None = None     # k-bit only: scale/zero per this many columns
     calibration: str | None = None    # gptq only: a calibration file (spec/calibration-v1.md)
     act_order: bool | None = None     # gptq only: None = the grid's default (GPTQ_ACT_ORDER)
+    kbit_codec: str = "auto"          # 2/3/4 bits: "auto" | "packed" | "dict16" (spec §12, §13)
 
     def validate(self) -> None:
         if self.dictionary not in ("auto", "qmoe-2023"):
@@ -60,6 +61,10 @@ class PackOptions:
             raise PackError(f"--method must be rtn or gptq, not {self.method!r}")
         if (self.method == "gptq") != (self.calibration is not None):
             raise PackError("--method gptq needs --calibration FILE, and only it takes one")
+        if self.kbit_codec not in ("auto", "packed", "dict16"):
+            raise PackError(f"--kbit-codec must be auto, packed or dict16, not {self.kbit_codec!r}")
+        if self.kbit_codec != "auto" and self.bits == "ternary":
+            raise PackError("--kbit-codec needs --bits 2, 3 or 4")
         if self.act_order is not None and self.method != "gptq":
             raise PackError("--act-order/--no-act-order need --method gptq")
         if self.group_size is not None and (self.bits == "ternary" or self.group_size < 1):
@@ -73,7 +78,10 @@ class PackOptions:
 
     @property
     def format_version(self) -> str:
-        codec = layout.CODEC_TERNARY if self.bits == "ternary" else layout.CODEC_UINT
+        """The version the pack may need; the finished store declares what it used."""
+        if self.bits == "ternary":
+            return layout.CODEC_SINCE[layout.CODEC_TERNARY]
+        codec = layout.CODEC_UINT if self.kbit_codec == "packed" else layout.CODEC_UINT_DICT
         return layout.CODEC_SINCE[codec]
 
 
@@ -146,9 +154,11 @@ def load_source(src, expert: bool, options: PackOptions):
 
 
 def prepare_tensor(path: str, name: str, loaded, dtype: str, expert: bool,
-                   options: PackOptions, writer: StoreWriter, calibration=None) -> tuple[dict, dict]:
+                   options: PackOptions, writer: StoreWriter, calibration=None,
+                   params_left: int = 0) -> tuple[dict, dict]:
     """Quantize and code one tensor: its index record (arrays still to be written) and
-    the arrays to write, {name: (ndarray, logical dtype)}."""
+    the arrays to write, {name: (ndarray, logical dtype)}. `params_left` counts the expert
+    weights from this tensor to the end of the plan (what a new dictionary would serve)."""
     a, sha, rows = loaded
     record = {"name": name, "path": path, "shape": list(a.shape), "dtype": dtype,
               "source_sha256": sha}
@@ -161,13 +171,18 @@ def prepare_tensor(path: str, name: str, loaded, dtype: str, expert: bool,
             raise PackError(f"tensor {name!r}: non-finite weights; refusing to quantize it")
         result, quantizer = _gptq(name, rows, options, calibration)
         if options.bits != "ternary":
-            return _uint_arrays(record, int(options.bits), options.group_size, rows.shape[1],
-                                result.codes, result.scales, result.zeros, quantizer)
+            return _kbit_arrays(record, result.codes, result.scales, result.zeros, quantizer,
+                                options, writer, params_left)
         sym = result.codes.numpy()
         scales = np.stack([_bf16_bits(result.lo), _bf16_bits(result.hi)], axis=1)
         counts = np.bincount(sym.reshape(-1), minlength=3)[:3].astype(np.int64)
     elif options.bits != "ternary":
-        return _prepare_uint(record, rows, int(options.bits), options.group_size)
+        import torch
+
+        from .quantizers import kbit_rtn
+        q, scales, zeros = kbit_rtn(torch.from_numpy(rows), int(options.bits), options.group_size)
+        return _kbit_arrays(record, q, scales, zeros, {"method": "rtn", "grid": "minmax-asymmetric"},
+                            options, writer, params_left)
     else:
         try:
             sym, scales, counts = quantize_rtn(rows, bf16_bits_input=rows.dtype == np.uint16)
@@ -261,26 +276,42 @@ def _gptq(name: str, rows: np.ndarray, options: PackOptions, calibration, shape=
                     "status": status, "tokens": count}
 
 
-def _prepare_uint(record: dict, rows: np.ndarray, bits: int, group_size: int | None):
-    import torch
-
-    from .quantizers import kbit_rtn
-    q, scales, zeros = kbit_rtn(torch.from_numpy(rows), bits, group_size)
-    return _uint_arrays(record, bits, group_size, rows.shape[1], q, scales, zeros,
-                        {"method": "rtn", "grid": "minmax-asymmetric"})
-
-
-def _uint_arrays(record: dict, bits: int, group_size: int | None, cols: int, q, scales, zeros,
-                 quantizer: dict):
-    groups = -(-cols // (group_size or max(cols, 1)))   # spec §12: 0 groups for 0 columns
-    record.update(codec=layout.CODEC_UINT, bits=bits, group_size=group_size or max(cols, 1),
-                  quantizer=quantizer)
-    return record, {
-        "q": (uintpack.pack_levels(np.asarray(q, np.uint8), bits), None),
+def _kbit_arrays(record: dict, q, scales, zeros, quantizer: dict, options: PackOptions,
+                 writer: StoreWriter, params_left: int):
+    """A k-bit tensor's record and arrays: bit-packed (§12), or its signs dictionary-coded
+    with escapes (§13). `auto` takes §13 when it is smaller, and adds a dictionary the
+    store does not hold yet only if the saving, extrapolated over the expert weights left
+    in the plan, exceeds the dictionary's own bytes: so a small model stays bit-packed,
+    and the choice depends on the plan alone (resume reproduces it)."""
+    bits, group_size = int(options.bits), options.group_size
+    q = np.ascontiguousarray(np.asarray(q, np.uint8))
+    rows, cols = q.shape
+    size = group_size or max(cols, 1)
+    groups = -(-cols // size)   # spec §12: 0 groups for 0 columns
+    zeros = np.ascontiguousarray(np.asarray(zeros, np.uint8)[:, :groups])
+    record.update(bits=bits, group_size=size, quantizer=quantizer)
+    common = {
         "scales": (_bf16_bits(np.asarray(scales)[:, :groups]),
                    layout.logical_dtype(layout.CODEC_UINT, record["dtype"], "scales")),
-        "zeros": (np.asarray(zeros, np.uint8)[:, :groups], None),
+        "zeros": (zeros, None),
     }
+    if options.kbit_codec != "packed":
+        ternary, row_escapes, escape_cols, escape_levels = uintdict.split(q, zeros, size)
+        counts = np.bincount(ternary.reshape(-1), minlength=3)[:3].astype(np.int64)
+        d = choose_dictionary(options, counts, list(writer.dictionaries.values()))
+        codes, row_codes = encode(ternary, d)
+        coded = uintdict.coded_bytes(len(codes), rows, cols, len(escape_cols))
+        saving = rows * uintpack.row_bytes(cols, bits) - coded
+        if d.content_id not in writer.dictionaries and q.size:
+            saving = saving * params_left / q.size - sum(t.nbytes for t in d.tables().values())
+        if options.kbit_codec == "dict16" or saving > 0:
+            record.update(codec=layout.CODEC_UINT_DICT, dictionary=writer.add_dictionary(d),
+                          symbol_counts=[int(c) for c in counts])
+            return record, {"codes": (codes, None), "row_codes": (row_codes, None),
+                            "row_escapes": (row_escapes, None), "escape_cols": (escape_cols, None),
+                            "escape_levels": (escape_levels, None), **common}
+    record.update(codec=layout.CODEC_UINT)
+    return record, {"q": (uintpack.pack_levels(q, bits), None), **common}
 
 
 def _pack_meta(options: PackOptions) -> dict:
@@ -326,6 +357,8 @@ def pack(input_path, output_path, options: PackOptions, resume: bool = False,
             from .calibration import CalibrationFile
             calibration = CalibrationFile(options.calibration)
         experts = [is_expert(selector, src.name, src.shape, src.dtype) for src in sources]
+        params_left = np.cumsum([math.prod(s.shape) if e else 0
+                                 for s, e in zip(sources, experts)][::-1])[::-1]
         done = [writer.finished_record(p) if resume else None for p in paths]
         done = [r if r is not None and r.get("name") == src.name else None
                 for r, src in zip(done, sources)]
@@ -355,7 +388,8 @@ def pack(input_path, output_path, options: PackOptions, resume: bool = False,
                         j = todo[cursor]
                         pending[j] = prefetch.submit(load_source, sources[j], experts[j], options)
                     record, arrays = prepare_tensor(path, src.name, loaded, src.dtype,
-                                                    experts[i], options, writer, calibration)
+                                                    experts[i], options, writer, calibration,
+                                                    int(params_left[i]))
                     del loaded
                     writes.append(write_behind.submit(_write_behind, failed, writer, record, arrays))
                     while len(writes) > 2:

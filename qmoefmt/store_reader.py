@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import layout, uintpack
+from . import layout, uintdict, uintpack
 from .codec import decode_symbols, decode_values
 from .dictionary import CODEWORDS, TABLES, Dictionary, validate_tables
 from .errors import FormatError, IncompleteStoreError, LimitError, VersionError
@@ -191,11 +191,19 @@ class Tensor:
         if name not in arrays:
             raise FormatError(where, f"array {name!r} missing from the index")
         rows, cols = self.rows_cols
-        if self.codec == layout.CODEC_UINT:
+        if self.codec in (layout.CODEC_UINT, layout.CODEC_UINT_DICT):
             bits, groups = self._uint_params()
+            idx = str(uintdict.index_dtype(cols).newbyteorder("="))
             expect = {"q": ("uint8", (rows, uintpack.row_bytes(cols, bits))),
                       "scales": ("uint16", (rows, groups)),
-                      "zeros": ("uint8", (rows, groups))}.get(name)
+                      "zeros": ("uint8", (rows, groups)),
+                      "codes": ("uint16", None),
+                      "row_codes": (("uint16", "uint32"), (rows,)),
+                      "row_escapes": (idx, (rows,)),
+                      "escape_cols": (idx, None),
+                      "escape_levels": ("uint8", None)}.get(name)
+            if name not in layout.CODEC_ARRAYS[self.codec]:
+                expect = None
         else:
             expect = {
                 "codes": ("uint16", None),
@@ -209,6 +217,8 @@ class Tensor:
                                check_crc, *expect)
         if name == "codes" and (arr.ndim != 1 or arr.shape[0] > rows * cols):
             raise FormatError(f"{where}/codes", f"{arr.shape} codewords for {rows}x{cols} symbols")
+        if name in ("escape_cols", "escape_levels") and (arr.ndim != 1 or arr.shape[0] > rows * cols):
+            raise FormatError(f"{where}/{name}", f"shape {list(arr.shape)} for {rows}x{cols} levels")
         return arr
 
     def _uint_params(self) -> tuple[int, int]:
@@ -223,27 +233,37 @@ class Tensor:
         return bits, -(-cols // g)
 
     def _uint_decoded(self, check_crc: bool):
+        """(levels, scales, zeros) of a uint-packed or uint-dict16 tensor, validated."""
         bits, _ = self._uint_params()
         where = f"{self._store.path}/{self.path}"
-        levels = uintpack.unpack_levels(self.array("q", check_crc), bits, self.rows_cols[1], where)
         zeros = np.asarray(self.array("zeros", check_crc))
         if zeros.size and int(zeros.max()) >= (1 << bits):
             raise FormatError(f"{where}/zeros", f"zero point >= 2**{bits}")
+        cols = self.rows_cols[1]
+        if self.codec == layout.CODEC_UINT:
+            levels = uintpack.unpack_levels(self.array("q", check_crc), bits, cols, where)
+        else:
+            codes, rc, d = self._coded(check_crc)
+            ternary = decode_symbols(codes, rc, cols, d, where)
+            levels = uintdict.merge(ternary, zeros, self.record["group_size"], bits,
+                                    *(self.array(a, check_crc) for a in
+                                      ("row_escapes", "escape_cols", "escape_levels")), where)
         scales = bf16_to_float32(self.array("scales", check_crc))
         if not np.isfinite(scales).all():
             raise FormatError(f"{where}/scales", "scales must be finite")
         return levels, scales, zeros
 
     def _coded(self, check_crc: bool):
-        if self.codec != layout.CODEC_TERNARY:
-            raise TypeError(f"{self.name} is stored {self.codec}, it has no ternary symbols")
+        """(codes, row_codes, dictionary) of a dictionary-coded tensor."""
+        if self.codec not in layout.DICTIONARY_CODECS:
+            raise TypeError(f"{self.name} is stored {self.codec}, it has no codeword stream")
         d = self._store.dictionary(self.record.get("dictionary"), self.name)
         return (self.array("codes", check_crc), self.array("row_codes", check_crc), d)
 
     def symbols(self, check_crc: bool = True) -> np.ndarray:
         """Ternary symbols (0, 1 = lo, 2 = hi) as int8, or the b-bit levels (uint8) of a
-        uint-packed tensor."""
-        if self.codec == layout.CODEC_UINT:
+        uint-packed or uint-dict16 tensor."""
+        if self.codec in (layout.CODEC_UINT, layout.CODEC_UINT_DICT):
             return self._uint_decoded(check_crc)[0].reshape(self.shape)
         codes, rc, d = self._coded(check_crc)
         rows, cols = self.rows_cols
@@ -251,6 +271,9 @@ class Tensor:
         return sym.reshape(self.shape)
 
     def scales(self, check_crc: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """(lo, hi) per row of a ternary tensor."""
+        if self.codec != layout.CODEC_TERNARY:
+            raise TypeError(f"{self.name} is stored {self.codec}, it has no ternary scales")
         lo, hi = scales_to_float(self.array("scales", check_crc))
         bad = ~(np.isfinite(lo) & np.isfinite(hi) & (lo <= 0) & (hi >= 0))
         if bad.any():
@@ -271,7 +294,7 @@ class Tensor:
     def decode(self, check_crc: bool = True) -> np.ndarray:
         if self.codec == layout.CODEC_DENSE:
             return np.asarray(self.numpy(check_crc), dtype=np.float32)
-        if self.codec == layout.CODEC_UINT:
+        if self.codec in (layout.CODEC_UINT, layout.CODEC_UINT_DICT):
             levels, scales, zeros = self._uint_decoded(check_crc)
             return uintpack.dequantize(levels, scales, zeros, self.record["group_size"]).reshape(self.shape)
         codes, rc, d = self._coded(check_crc)

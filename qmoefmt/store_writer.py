@@ -157,7 +157,10 @@ class StoreWriter:
 
     def commit(self, records: list[dict]) -> None:
         used = {r["dictionary"] for r in records if "dictionary" in r}
+        # The incomplete root declared the newest version the pack might need; the final
+        # one declares the lowest its codecs need (spec §3).
         meta = dict(self.meta, complete=True,
+                    format_version=layout.lowest_version({r["codec"] for r in records}),
                     dictionaries=[self.dictionaries[c] for c in sorted(used)],
                     tensors=records)
         os.sync()   # every array and group durable before the marker says complete

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import layout
+from . import layout, uintdict
 from .codec import encode
 from .dict_golomb import build_golomb
 from .dict_qmoe import build_qmoe2023
@@ -62,6 +62,14 @@ def _check_arrays(root: Path, node: str, arrays: dict, codec: str | None, dtype:
             problems.append(Problem(str(base), "malformed array descriptor in the index"))
 
 
+def _wrong_version(declared: str, needed: str) -> bool:
+    """Too low for the codecs used, or higher than they need while within the versions
+    this code knows (a newer minor may add members we cannot see, spec §3)."""
+    v = tuple(map(int, declared.split(".")))
+    n = tuple(map(int, needed.split(".")))
+    return v < n or (v != n and v <= (layout.FORMAT_MAJOR, layout.FORMAT_MINOR))
+
+
 def _canonical_dictionary(entry: dict):
     kind, params = entry.get("kind"), entry.get("params") or {}
     if kind == "qmoe-2023":
@@ -86,6 +94,13 @@ def verify(path, deep: bool = False, progress=None, on_open=None) -> list[Proble
     meta = store.meta
     if on_open:
         on_open(len(store))
+    codecs = {r["codec"] for r in store._records.values()}
+    if codecs <= set(layout.KNOWN_CODECS) and _wrong_version(store.format_version,
+                                                             layout.lowest_version(codecs)):
+        problems.append(Problem(str(root / layout.ROOT_META),
+                                f"format_version {store.format_version} is not "
+                                f"{layout.lowest_version(codecs)}, the lowest defining the "
+                                f"codecs used ({', '.join(sorted(codecs))}), spec §3"))
 
     expected_files = {root / layout.ROOT_META}
     for group in (layout.TENSORS, layout.DICTIONARIES):
@@ -130,44 +145,47 @@ def _check_record(store: Store, name: str, deep: bool) -> list[Problem]:
     if r.get("unknown_codec"):
         return [Problem(where, f"tensor {name!r}: unknown codec {r.get('codec')!r}")]
     codec = r["codec"]
-    want = {layout.CODEC_TERNARY: set(layout.TERNARY_ARRAYS), layout.CODEC_DENSE: {"data"},
-            layout.CODEC_UINT: set(layout.UINT_ARRAYS)}[codec]
+    want = set(layout.CODEC_ARRAYS[codec])
     if set(r["arrays"]) != want:
         return [Problem(where, f"tensor {name!r}: arrays {sorted(r['arrays'])}, expected {sorted(want)}")]
     t = store[name]
     try:
+        for a in want:
+            t.array(a, check_crc=False)
         if codec == layout.CODEC_DENSE:
-            t.array("data", check_crc=False)
             return []
         if codec == layout.CODEC_UINT:
-            for a in layout.UINT_ARRAYS:
-                t.array(a, check_crc=False)
             if deep:
                 t._uint_decoded(check_crc=False)
             return []
+        rows, cols = t.rows_cols
         counts = r.get("symbol_counts")
         if (not isinstance(counts, list) or len(counts) != 3
-                or sum(c for c in counts if isinstance(c, int)) != int(np.prod(t.shape))):
+                or sum(c for c in counts if isinstance(c, int)) != rows * cols):
             return [Problem(where, f"tensor {name!r}: symbol_counts {counts!r} do not add up "
-                                   f"to {int(np.prod(t.shape))} elements")]
+                                   f"to {rows * cols} elements")]
         codes, row_codes, d = t._coded(check_crc=False)
-        t.scales(check_crc=False)
-        want_dt = "uint16" if t.rows_cols[1] < (1 << 16) else "uint32"
+        if codec == layout.CODEC_TERNARY:
+            t.scales(check_crc=False)
+        want_dt = "uint16" if cols < (1 << 16) else "uint32"
         if r["arrays"]["row_codes"]["data_type"] != want_dt:
             return [Problem(f"{where}/row_codes", f"tensor {name!r}: row_codes is "
-                            f"{r['arrays']['row_codes']['data_type']}, spec §5.1 requires "
-                            f"{want_dt} for {t.rows_cols[1]} columns")]
+                            f"{r['arrays']['row_codes']['data_type']}, the spec requires "
+                            f"{want_dt} for {cols} columns")]
         if not deep:
             return []
-        sym = t.symbols(check_crc=False)
+        sym = t.symbols(check_crc=False).reshape(rows, cols)
+        if codec == layout.CODEC_UINT_DICT:
+            # symbols() checked every escape against the stream; the stream is the signs
+            zeros = np.asarray(t.array("zeros", check_crc=False))
+            sym = uintdict.split(sym, zeros, r["group_size"])[0]
         got = np.bincount(sym.reshape(-1), minlength=3)[:3]
         if list(map(int, got)) != counts:
             return [Problem(where, f"tensor {name!r}: decoded symbol counts {list(map(int, got))} "
                                    f"!= recorded {counts}")]
         canon = _canonical_dictionary(store._dict_entries[r["dictionary"]])
         if canon is not None and canon.content_id == d.content_id:
-            rows, cols = t.rows_cols
-            c2, rc2 = encode(sym.reshape(rows, cols), canon)
+            c2, rc2 = encode(sym, canon)
             if not (np.array_equal(c2, codes) and np.array_equal(rc2.astype(np.int64),
                                                                   np.asarray(row_codes, np.int64))):
                 return [Problem(f"{where}/codes", f"tensor {name!r}: codeword stream is not the "

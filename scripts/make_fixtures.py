@@ -57,8 +57,16 @@ UINT_STORES = {
     "edge-3bit-g16.qmoe": ("edge/model.safetensors",
                            ["--experts", "edge.*", "--bits", "3", "--group-size", "16"]),
 }
+# Format 1.2 (codec qmoe.uint-dict16), generated separately again.
+UINT_DICT_STORES = {
+    "switch-tiny-2bit-dict16.qmoe": ("switch-tiny/model.safetensors",
+                                     ["--preset", "switch", "--bits", "2", "--kbit-codec", "dict16"]),
+    "edge-2bit-g16-dict16.qmoe": ("edge/model.safetensors",
+                                  ["--experts", "edge.*", "--bits", "2", "--group-size", "16",
+                                   "--kbit-codec", "dict16", "--dictionary", "qmoe-2023"]),
+}
 OUTPUTS = ["switch-tiny", "edge", *STORES, "conformance", "broken", *UINT_STORES,
-           "conformance-uint"]
+           "conformance-uint", *UINT_DICT_STORES, "conformance-uint-dict"]
 
 
 def _reference():
@@ -190,7 +198,7 @@ def pack(store: str) -> None:
     import os
 
     from qmoefmt_cli.main import main as cli
-    ckpt, args = {**STORES, **UINT_STORES}[store]
+    ckpt, args = {**STORES, **UINT_STORES, **UINT_DICT_STORES}[store]
     argv = ["pack", f"fixtures/{ckpt}", f"fixtures/{store}", *args]
     print("$ qmoefmt", " ".join(argv), flush=True)
     cwd = os.getcwd()
@@ -670,6 +678,92 @@ def make_conformance_uint() -> None:
         sys.exit("the packer disagrees with the reference grid:\n" + "\n".join(mismatches))
 
 
+# ------------------------------------------------------------------ format 1.2
+
+def reference_escapes(q: np.ndarray, zeros: np.ndarray, group: int):
+    """Spec section 13's split, one level at a time: signs, and the far levels per row."""
+    rows, cols = q.shape
+    signs = np.zeros((rows, cols), np.uint8)
+    counts, ecols, elevels = [], [], []
+    for r in range(rows):
+        n = 0
+        for c in range(cols):
+            d = int(q[r, c]) - int(zeros[r, c // group])
+            signs[r, c] = 0 if d == 0 else (1 if d < 0 else 2)
+            if abs(d) >= 2:
+                n += 1
+                ecols.append(c)
+                elevels.append(int(q[r, c]))
+        counts.append(n)
+    idx = "<u2" if cols < 65536 else "<u4"
+    return (signs, np.array(counts, idx), np.array(ecols, idx), np.array(elevels, np.uint8))
+
+
+def make_conformance_uint_dict(ref) -> None:
+    """Per qmoe.uint-dict16 tensor: expected levels and values (reference_kbit), the
+    expected escape arrays and sign counts (reference_escapes), and the expected codeword
+    stream: from the independent QMoE reference encoder for qmoe-2023, else the store's."""
+    out = FIX / "conformance-uint-dict"
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = {"description": "Expected levels/values (plain-numpy grid of spec section 12), "
+                               "escapes and sign streams (spec section 13) of every "
+                               "qmoe.uint-dict16 tensor of the 1.2 fixture stores; "
+                               "stream_source says where each codeword stream's hash "
+                               "comes from.", "stores": {}}
+    mismatches = []
+    for store_name, (ckpt, _) in UINT_DICT_STORES.items():
+        store = FIX / store_name
+        source = load_torch(str(FIX / ckpt))
+        meta = store_root(store)
+        vectors, entries = {}, {}
+        for rec in meta["tensors"]:
+            if rec["codec"] != "qmoe.uint-dict16":
+                continue
+            name = rec["name"]
+            w = source[name].float().numpy()
+            shape = tuple(w.shape)
+            cols = shape[-1]
+            rows = int(np.prod(shape[:-1]))
+            q, scales, zeros, values = reference_kbit(w.reshape(rows, cols), rec["bits"],
+                                                      rec["group_size"])
+            signs, counts, ecols, elevels = reference_escapes(q, zeros, rec["group_size"])
+            vectors[f"{name}/levels"] = np.ascontiguousarray(q.reshape(shape))
+            vectors[f"{name}/values"] = np.ascontiguousarray(values.reshape(shape))
+            kind = next(d for d in meta["dictionaries"] if d["id"] == rec["dictionary"])["kind"]
+            if kind == "qmoe-2023":
+                codes, row_codes = ref.reference_encode(signs)
+                stream_source = "reference-encoder"
+            else:
+                codes, row_codes = read_chunk(store, rec, "codes"), read_chunk(store, rec, "row_codes")
+                stream_source = "store"
+            entry = {"shape": list(shape), "bits": rec["bits"], "group_size": rec["group_size"],
+                     "dictionary_kind": kind, "stream_source": stream_source,
+                     "symbol_counts": [int((signs == s).sum()) for s in range(3)],
+                     "codes_sha256": sha256(np.asarray(codes).astype("<u2")),
+                     "row_codes_sha256": sha256(np.asarray(row_codes).astype(counts.dtype)),
+                     "row_escapes_sha256": sha256(counts), "escape_cols_sha256": sha256(ecols),
+                     "escape_levels_sha256": sha256(elevels), "n_escapes": int(len(ecols)),
+                     "zeros_sha256": sha256(zeros),
+                     "scales_sha256": sha256((scales.view(np.uint32) >> 16).astype("<u2"))}
+            entries[name] = entry
+            got = {k: sha256(read_chunk(store, rec, a)) for k, a in [
+                ("codes_sha256", "codes"), ("row_codes_sha256", "row_codes"),
+                ("row_escapes_sha256", "row_escapes"), ("escape_cols_sha256", "escape_cols"),
+                ("escape_levels_sha256", "escape_levels"), ("zeros_sha256", "zeros"),
+                ("scales_sha256", "scales")]}
+            got["symbol_counts"] = rec["symbol_counts"]
+            for k, v in got.items():
+                if entry[k] != v:
+                    mismatches.append(f"{store_name}: {name}: {k} differs from the reference")
+        stem = store_name.removesuffix(".qmoe")
+        save_numpy(vectors, str(out / f"{stem}.safetensors"), metadata={"store": store_name})
+        manifest["stores"][store_name] = {"vectors": f"{stem}.safetensors", "checkpoint": ckpt,
+                                          "tensors": entries}
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    if mismatches:
+        sys.exit("the packer disagrees with the reference:\n" + "\n".join(mismatches))
+
+
 # ------------------------------------------------------------------ main
 
 def main() -> None:
@@ -689,7 +783,7 @@ def main() -> None:
         make_switch_tiny(FIX / "switch-tiny" / "model.safetensors")
     if "edge" in todo:
         make_edge(FIX / "edge" / "model.safetensors")
-    for store in [*STORES, *UINT_STORES]:
+    for store in [*STORES, *UINT_STORES, *UINT_DICT_STORES]:
         if store in todo:
             pack(store)
             check_store(store)
@@ -699,6 +793,8 @@ def main() -> None:
         make_broken(ref)
     if "conformance-uint" in todo:
         make_conformance_uint()
+    if "conformance-uint-dict" in todo:
+        make_conformance_uint_dict(ref)
     print("done")
 
 

@@ -113,3 +113,41 @@ def test_uint_store_matches_vectors(store):
         got = t.decode()
         assert got.dtype == np.float32
         assert np.array_equal(got.view(np.uint32), vectors[f"{name}/values"].view(np.uint32)), name
+
+
+# ---------------------------------------------------------------- format 1.2: uint-dict16
+MANIFEST_UDICT = json.loads((FIX / "conformance-uint-dict" / "manifest.json").read_text())
+UDICT_STORES = sorted(MANIFEST_UDICT["stores"])
+
+
+def test_uint_dict_manifest_covers_the_stores():
+    assert set(UDICT_STORES) == {"switch-tiny-2bit-dict16.qmoe", "edge-2bit-g16-dict16.qmoe"}
+    kinds = set()
+    for store in UDICT_STORES:
+        st = qmoefmt.open(FIX / store)
+        assert st.format_version == "1.2"
+        coded = {n for n in st if st[n].codec == layout.CODEC_UINT_DICT}
+        assert coded == set(MANIFEST_UDICT["stores"][store]["tensors"]), store
+        kinds |= {e["stream_source"] for e in MANIFEST_UDICT["stores"][store]["tensors"].values()}
+    # one store's streams come from the independent QMoE encoder, not from our own
+    assert kinds == {"reference-encoder", "store"}
+    edge = MANIFEST_UDICT["stores"]["edge-2bit-g16-dict16.qmoe"]["tensors"]
+    assert edge["edge.wide"]["n_escapes"] > 0                 # uint32 escape indexes
+
+
+@pytest.mark.parametrize("store", UDICT_STORES)
+def test_uint_dict_store_matches_vectors(store):
+    assert verify(FIX / store, deep=True) == []
+    st = qmoefmt.open(FIX / store)
+    entry = MANIFEST_UDICT["stores"][store]
+    vectors = load_file(str(FIX / "conformance-uint-dict" / entry["vectors"]))
+    for name, exp in entry["tensors"].items():
+        t = st[name]
+        assert (t.record["bits"], t.record["group_size"]) == (exp["bits"], exp["group_size"])
+        assert t.record["symbol_counts"] == exp["symbol_counts"], name
+        for a in ("codes", "row_codes", "row_escapes", "escape_cols", "escape_levels", "zeros", "scales"):
+            assert sha256(t.array(a)) == exp[f"{a}_sha256"], (name, a)
+        assert np.array_equal(t.symbols(), vectors[f"{name}/levels"]), name
+        got = t.decode()
+        assert got.dtype == np.float32
+        assert np.array_equal(got.view(np.uint32), vectors[f"{name}/values"].view(np.uint32)), name

@@ -1,0 +1,101 @@
+"""Codec `qmoe.uint-dict16` (spec §13): b-bit levels as a dictionary-coded ternary
+stream plus escapes.
+
+Low-bit experts put most levels on the zero point and nearly all the rest one step away
+(2-bit Switch-like experts: ~70% on it, ~29% at +-1, <1% further), so the sign of
+`level - zero` is a ternary stream with the statistics §5's dictionaries are built for,
+and the few levels two or more steps out are listed per row. This module maps levels to
+that pair and back; the ternary stream itself goes through `codec`.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import FormatError
+from .uintpack import BITS
+
+
+def index_dtype(cols: int) -> np.dtype:
+    """Per-row counts and column indexes: uint16 below 65536 columns (spec §13)."""
+    return np.dtype("<u2") if cols < (1 << 16) else np.dtype("<u4")
+
+
+def _zero_points(zeros: np.ndarray, cols: int, group_size: int) -> np.ndarray:
+    return np.asarray(zeros)[:, np.arange(cols) // group_size].astype(np.int16)
+
+
+def split(levels: np.ndarray, zeros: np.ndarray, group_size: int):
+    """levels uint8 [rows, cols] -> (ternary int8 [rows, cols], row_escapes, escape_cols,
+    escape_levels): symbol 1 where level < zero, 2 where level > zero, and every level two
+    or more steps from its zero point listed, row by row, columns increasing."""
+    levels = np.asarray(levels, np.uint8)
+    rows, cols = levels.shape
+    d = levels.astype(np.int16) - _zero_points(zeros, cols, group_size)
+    ternary = ((d < 0) * 1 + (d > 0) * 2).astype(np.int8)
+    far = np.abs(d) >= 2
+    dt = index_dtype(cols)
+    r, c = np.nonzero(far)
+    return (ternary, far.sum(axis=1).astype(dt), c.astype(dt), levels[r, c].astype(np.uint8))
+
+
+def merge(ternary: np.ndarray, zeros: np.ndarray, group_size: int, bits: int,
+          row_escapes: np.ndarray, escape_cols: np.ndarray, escape_levels: np.ndarray,
+          where: str = "tensor") -> np.ndarray:
+    """The levels (uint8 [rows, cols]) back, after checking every escape and level against
+    spec §13; any inconsistency is a FormatError naming `where`, never a wrong level."""
+    if bits not in BITS:
+        raise FormatError(where, f"bits {bits!r} not one of {BITS}")
+    rows, cols = ternary.shape
+    maxq = (1 << bits) - 1
+    counts = np.asarray(row_escapes, np.int64)
+    cols_e = np.asarray(escape_cols, np.int64)
+    lev_e = np.asarray(escape_levels, np.int16)
+    n = cols_e.shape[0]
+    if counts.shape != (rows,) or lev_e.shape != (n,):
+        raise FormatError(where, f"row_escapes {list(counts.shape)}, escape_cols [{n}] and "
+                                 f"escape_levels {list(lev_e.shape)} do not fit {rows} rows")
+    if rows and int(counts.max(initial=0)) > cols:
+        r = int(np.argmax(counts > cols))
+        raise FormatError(where, f"row {r}: {int(counts[r])} escapes in a row of {cols} columns")
+    if int(counts.sum()) != n:
+        raise FormatError(where, f"row_escapes sum to {int(counts.sum())} but escape_cols holds {n}")
+    row_of = np.repeat(np.arange(rows), counts)
+    if n:
+        if int(cols_e.max()) >= cols:
+            k = int(np.argmax(cols_e >= cols))
+            raise FormatError(where, f"row {int(row_of[k])}: escape column {int(cols_e[k])} >= {cols}")
+        same_row = row_of[1:] == row_of[:-1]
+        bad = same_row & (cols_e[1:] <= cols_e[:-1])
+        if bad.any():
+            k = int(np.argmax(bad)) + 1
+            raise FormatError(where, f"row {int(row_of[k])}: escape columns not strictly increasing")
+        if int(lev_e.max()) > maxq:
+            k = int(np.argmax(lev_e > maxq))
+            raise FormatError(where, f"row {int(row_of[k])}: escape level {int(lev_e[k])} >= 2**{bits}")
+    zp = _zero_points(zeros, cols, group_size)
+    t = np.asarray(ternary)
+    levels = zp + (t == 2).astype(np.int16) - (t == 1).astype(np.int16)
+    if n:
+        d = lev_e - zp[row_of, cols_e]
+        sym = t[row_of, cols_e]
+        bad = (np.abs(d) < 2) | ((d > 0) != (sym == 2)) | (sym == 0)
+        if bad.any():
+            k = int(np.argmax(bad))
+            raise FormatError(where, f"row {int(row_of[k])}, column {int(cols_e[k])}: escape level "
+                                     f"{int(lev_e[k])} with zero point {int(zp[row_of[k], cols_e[k]])} "
+                                     f"and ternary symbol {int(sym[k])} (must be >= 2 steps away, "
+                                     "on the symbol's side)")
+        levels[row_of, cols_e] = lev_e
+    out = (levels < 0) | (levels > maxq)
+    if out.any():
+        r, c = (int(i[0]) for i in np.nonzero(out))
+        raise FormatError(where, f"row {r}, column {c}: ternary symbol {int(t[r, c])} with zero "
+                                 f"point {int(zp[r, c])} gives a level outside 0..{maxq}")
+    return levels.astype(np.uint8)
+
+
+def coded_bytes(n_codes: int, rows: int, cols: int, n_escapes: int) -> int:
+    """Bytes of the arrays that replace `q` (codes, row_codes, row_escapes, escape_cols,
+    escape_levels): what pack weighs against uint-packed's `q`."""
+    it = index_dtype(cols).itemsize
+    return 2 * n_codes + 2 * it * rows + (it + 1) * n_escapes
