@@ -193,11 +193,17 @@ class HessianCollector:
 def _as_saved(model, hessians: dict, tokens: dict, shapes: dict) -> tuple[dict, dict]:
     try:
         from transformers import PreTrainedModel
-        from transformers.core_model_loading import revert_weight_conversion
     except ImportError:
         return hessians, tokens
     if not isinstance(model, PreTrainedModel):
         return hessians, tokens
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:
+        # Module names would not match the checkpoint: every expert would pack as RTN.
+        raise ImportError("this transformers has no core_model_loading."
+                          "revert_weight_conversion (qmoefmt follows transformers 5.x's); "
+                          "save with names='modules' for a state_dict checkpoint") from None
     # save_pretrained renames, splits and merges weights through transformers' conversion
     # mapping. The same conversion run on probes (each collected weight as [..., rows, 1],
     # every row holding its own number) shows where each saved tensor's rows come from;
