@@ -72,6 +72,8 @@ def read_root(root: Path) -> dict:
 
 
 def check_version(version, where: str) -> None:
+    if not isinstance(version, str):
+        raise FormatError(where, f"format_version {version!r} is not a string")
     try:
         major, minor = (int(x) for x in str(version).split("."))
     except ValueError:
