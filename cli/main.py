@@ -129,39 +129,87 @@ BUNDLED_MODEL = "fixtures/moe-tiny/model.safetensors"
               help="A checkpoint of the bundled SwitchMoELM (qmoefmt.moe_model).")
 @click.option("--tokens", type=click.IntRange(min=1), default=65536, show_default=True,
               help="Calibration tokens, taken from the training split.")
+@click.option("--sequential", is_flag=True,
+              help="QMoE's sequential mode: quantize the experts layer by layer with GPTQ, "
+                   "each layer calibrated on the model with the layers before it quantized. "
+                   "Pack the file with the same --bits/--group-size/--act-order.")
+@click.option("--bits", type=click.Choice(["ternary", "2", "3", "4"]), default=None,
+              help="--sequential: the GPTQ grid  [default: ternary]")
+@click.option("--group-size", type=click.IntRange(min=1), default=None,
+              help="--sequential, 2/3/4 bits: one scale and zero point per this many columns.")
+@click.option("--act-order/--no-act-order", default=None,
+              help="--sequential: GPTQ column order (default: pack's for the grid).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @clean_errors
-def calibrate(output, model_path, tokens, as_json):
+def calibrate(output, model_path, tokens, sequential, bits, group_size, act_order, as_json):
     """Collect the expert-input Hessians of the bundled MoE model on its training text
     into OUTPUT (a calibration file, spec/calibration-v1.md) for `pack --method gptq`.
-    Other PyTorch models: qmoefmt.calibration.HessianCollector."""
+    Other PyTorch models: qmoefmt.calibration.HessianCollector, and for sequential mode
+    qmoefmt.sequential.sequential_calibrate."""
     import torch
 
     from qmoefmt.calibration import HessianCollector
     from qmoefmt.moe_model import load_model, token_windows
+    from qmoefmt.pack import PackOptions
     from qmoefmt.selection import ExpertSelector
     from qmoefmt.textdata import train_tokens
 
+    if not sequential and (bits, group_size, act_order) != (None, None, None):
+        raise click.UsageError("--bits, --group-size and --act-order/--no-act-order need "
+                               "--sequential")
+    bits = bits or "ternary"
+    if sequential:
+        # Fail on bad settings before minutes of calibration, with pack's own messages.
+        PackOptions(preset="switch", method="gptq", bits=bits, group_size=group_size,
+                    calibration=output, act_order=act_order).validate()
     model = load_model(model_path).eval()
     ctx = model.config.context
     windows = token_windows(train_tokens(), ctx)[:, :-1]
     windows = windows[: max(1, -(-tokens // ctx))]
     batches = torch.split(windows, 16)
-    with HessianCollector(model, ExpertSelector(preset="switch")) as c, torch.no_grad(), \
-            _bar(len(batches), "batch", "calibrate") as bar:
-        for b in batches:
-            model(b)
-            bar.update(1)
+    selector = ExpertSelector(preset="switch")
+    if sequential:
+        from qmoefmt.sequential import expert_layers, sequential_calibrate
+
+        passes = len(expert_layers(model, selector))
+        with _bar(passes * len(batches), "batch", "calibrate") as bar:
+            def run(m):
+                for b in batches:
+                    m(b)
+                    bar.update(1)
+            c = sequential_calibrate(model, run, selector, bits=bits, group_size=group_size,
+                                     act_order=act_order)
         c.save(output)
+    else:
+        with HessianCollector(model, selector) as c, torch.no_grad(), \
+                _bar(len(batches), "batch", "calibrate") as bar:
+            for b in batches:
+                model(b)
+                bar.update(1)
+            c.save(output)
     idle = sorted(n for n, k in c.tokens.items() if k == 0)
     summary = {"output": output, "experts": len(c.tokens), "tokens": int(windows.numel()),
                "experts_without_tokens": idle}
+    if sequential:
+        st = list(c.status.values())
+        summary.update(sequential=c.settings, layers=[key for key, _ in c.layers],
+                       status={s: st.count(s) for s in sorted(set(st))},
+                       calibration_seconds=c.calibration_seconds,
+                       quantization_seconds=c.quantization_seconds)
     if as_json:
         click.echo(json.dumps(summary, indent=2))
-    else:
-        click.echo(f"wrote Hessians of {len(c.tokens)} experts from {windows.numel():,} tokens "
-                   f"to {output}" + (f"; {len(idle)} experts got no tokens (they will be "
-                                     "rounded to nearest)" if idle else ""))
+        return
+    click.echo(f"wrote Hessians of {len(c.tokens)} experts from {windows.numel():,} tokens "
+               f"to {output}" + (f"; {len(idle)} experts got no tokens (they will be "
+                                 "rounded to nearest)" if idle else ""))
+    if sequential:
+        s = c.settings
+        flags = (f"--bits {s['bits']}" + (f" --group-size {s['group_size']}" if s["group_size"]
+                                          else "")
+                 + (" --act-order" if s["act_order"] else " --no-act-order"))
+        click.echo(f"sequential: {len(c.layers)} layers quantized in turn "
+                   f"({c.calibration_seconds:.1f} s calibrating, "
+                   f"{c.quantization_seconds:.1f} s GPTQ); pack it with --method gptq {flags}")
 
 
 @main.command()

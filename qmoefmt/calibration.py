@@ -24,6 +24,29 @@ FORMAT = "qmoefmt.calibration"
 VERSION = "1.1"
 MAX_HEADER = 100_000_000
 
+# A sequential file's GPTQ settings (metadata key "sequential", since 1.1): what its later
+# layers' Hessians depend on, so a packer can refuse to quantize with other settings.
+SEQUENTIAL_BITS = ("ternary", "2", "3", "4")
+
+
+def check_sequential(value) -> dict:
+    """The `sequential` settings {bits, group_size, act_order, damp}, validated; ValueError
+    names the bad field."""
+    if not isinstance(value, dict) or set(value) != {"bits", "group_size", "act_order", "damp"}:
+        raise ValueError("must be an object with exactly bits, group_size, act_order, damp")
+    bits, gs, ao, damp = (value[k] for k in ("bits", "group_size", "act_order", "damp"))
+    if bits not in SEQUENTIAL_BITS:
+        raise ValueError(f"bits {bits!r} is not one of {list(SEQUENTIAL_BITS)}")
+    if gs is not None and (not isinstance(gs, int) or isinstance(gs, bool) or gs < 1
+                           or bits == "ternary"):
+        raise ValueError(f"group_size {gs!r} must be null, or a positive integer with k-bit bits")
+    if not isinstance(ao, bool):
+        raise ValueError(f"act_order {ao!r} is not a boolean")
+    if (not isinstance(damp, (int, float)) or isinstance(damp, bool) or not math.isfinite(damp)
+            or damp <= 0):
+        raise ValueError(f"damp {damp!r} is not a positive number")
+    return {"bits": bits, "group_size": gs, "act_order": ao, "damp": float(damp)}
+
 
 @dataclass(frozen=True)
 class FusedExperts:
@@ -254,8 +277,11 @@ def _as_saved(model, hessians: dict, tokens: dict, shapes: dict) -> tuple[dict, 
     return out_h, out_t
 
 
-def write_calibration(path, hessians: dict, tokens: dict[str, int | list[int]]) -> None:
-    """`tokens`: per tensor a count, or for a 3-D `[E, in, in]` Hessian a list of E counts."""
+def write_calibration(path, hessians: dict, tokens: dict[str, int | list[int]],
+                      sequential: dict | None = None) -> None:
+    """`tokens`: per tensor a count, or for a 3-D `[E, in, in]` Hessian a list of E counts.
+    `sequential`: the GPTQ settings a sequential pass quantized under (see
+    check_sequential), for a file whose Hessians were collected that way."""
     from safetensors.torch import save_file
 
     if set(hessians) != set(tokens):
@@ -268,6 +294,11 @@ def write_calibration(path, hessians: dict, tokens: dict[str, int | list[int]]) 
                              f"{list(hessians[k].shape)} (a 3-D one takes a count per expert)")
         counts[k] = [int(c) for c in v] if fused else int(v)
     meta = {"format": FORMAT, "version": VERSION, "tokens": json.dumps(counts, sort_keys=True)}
+    if sequential is not None:
+        try:
+            meta["sequential"] = json.dumps(check_sequential(sequential), sort_keys=True)
+        except ValueError as e:
+            raise ValueError(f"sequential settings: {e}") from None
     tensors = {k: torch.as_tensor(v, dtype=torch.float32).contiguous() for k, v in hessians.items()}
     tmp = Path(str(path) + ".partial")
     save_file(tensors, str(tmp), metadata=meta)
@@ -305,6 +336,17 @@ class CalibrationFile:
                                          "non-negative integer (or a list of them, one per "
                                          "expert of a 3-D tensor)")
         self.tokens: dict[str, int | list[int]] = tokens
+        # None: Hessians of one model state (e.g. the dense model), usable with any settings.
+        self.sequential: dict | None = None
+        if "sequential" in meta:
+            try:
+                value = json.loads(meta["sequential"])
+            except ValueError:
+                raise FormatError(self.path, "metadata 'sequential' is not JSON") from None
+            try:
+                self.sequential = check_sequential(value)
+            except ValueError as e:
+                raise FormatError(self.path, f"metadata 'sequential': {e}") from None
 
     def __contains__(self, name: str) -> bool:
         return name in self.tokens

@@ -351,11 +351,25 @@ def pack(input_path, output_path, options: PackOptions, resume: bool = False,
             "plan": {"tensors": len(sources), "sha256": plan},
             "source": {"format": ckpt.format, "name": os.path.basename(os.path.normpath(input_path))},
         }
-        writer = StoreWriter(output_path, meta, resume=resume)
+        # The calibration file is checked before the store exists: a refused pack leaves
+        # nothing behind.
         calibration = None
         if options.method == "gptq":
             from .calibration import CalibrationFile
             calibration = CalibrationFile(options.calibration)
+            recorded = calibration.sequential
+            # A sequential file's later layers were calibrated on the earlier layers' GPTQ
+            # weights under its settings; other settings give other weights.
+            used = {"bits": options.bits, "group_size": options.group_size,
+                    "act_order": options.gptq_act_order, "damp": 0.1}
+            if recorded is not None and recorded != used:
+                def fmt(d):
+                    return ", ".join(f"{k} {v}" for k, v in d.items())
+                raise PackError(f"{options.calibration}: sequential calibration collected under "
+                                f"GPTQ {fmt(recorded)}, but this pack quantizes with "
+                                f"{fmt(used)}; pack with the file's settings or calibrate "
+                                "again with these")
+        writer = StoreWriter(output_path, meta, resume=resume)
         experts = [is_expert(selector, src.name, src.shape, src.dtype) for src in sources]
         params_left = np.cumsum([math.prod(s.shape) if e else 0
                                  for s, e in zip(sources, experts)][::-1])[::-1]
