@@ -155,10 +155,11 @@ def load_source(src, expert: bool, options: PackOptions):
 
 def prepare_tensor(path: str, name: str, loaded, dtype: str, expert: bool,
                    options: PackOptions, writer: StoreWriter, calibration=None,
-                   params_left: int = 0) -> tuple[dict, dict]:
+                   params_left: int = 0, quantized=None) -> tuple[dict, dict]:
     """Quantize and code one tensor: its index record (arrays still to be written) and
     the arrays to write, {name: (ndarray, logical dtype)}. `params_left` counts the expert
-    weights from this tensor to the end of the plan (what a new dictionary would serve)."""
+    weights from this tensor to the end of the plan (what a new dictionary would serve);
+    `quantized` is its (GPTQ result, quantizer record) if a batch already computed it."""
     a, sha, rows = loaded
     record = {"name": name, "path": path, "shape": list(a.shape), "dtype": dtype,
               "source_sha256": sha}
@@ -169,7 +170,7 @@ def prepare_tensor(path: str, name: str, loaded, dtype: str, expert: bool,
     if options.method == "gptq":
         if not np.isfinite(rows).all():
             raise PackError(f"tensor {name!r}: non-finite weights; refusing to quantize it")
-        result, quantizer = _gptq(name, rows, options, calibration)
+        result, quantizer = quantized or _gptq(name, rows, options, calibration, shape=a.shape)
         if options.bits != "ternary":
             return _kbit_arrays(record, result.codes, result.scales, result.zeros, quantizer,
                                 options, writer, params_left)
@@ -233,7 +234,6 @@ def _gptq(name: str, rows: np.ndarray, options: PackOptions, calibration, shape=
     experts. `shape`, if given, is the tensor's, checked against the Hessian."""
     import torch
 
-    from . import gptq
     cols = rows.shape[1]
     W = torch.from_numpy(rows)
     present = name in calibration
@@ -255,13 +255,7 @@ def _gptq(name: str, rows: np.ndarray, options: PackOptions, calibration, shape=
     else:
         # an int for a 2-D weight: what sequential's in-memory calibration also takes
         H = calibration.hessian(name, cols) if present else torch.zeros(cols, cols)
-    act_order = options.gptq_act_order
-    if options.bits == "ternary":
-        result = gptq.gptq_ternary(W, H, act_order=act_order)
-        grid = "qmoe-ternary"
-    else:
-        result = gptq.gptq_kbit(W, H, int(options.bits), options.group_size, act_order=act_order)
-        grid = "minmax-asymmetric"
+    result, quantizer = _run_gptq(W, H, options)
     if W.dim() == 3:
         from dataclasses import replace
 
@@ -272,8 +266,77 @@ def _gptq(name: str, rows: np.ndarray, options: PackOptions, calibration, shape=
                                     ("codes", "dequantized", "lo", "hi", "scales", "zeros")})
     else:
         status = result.status[0] if present else "rtn-no-calibration"
-    return result, {"method": "gptq", "grid": grid, "damp": 0.1, "act_order": act_order,
-                    "status": status, "tokens": count}
+    return result, dict(quantizer, status=status, tokens=count)
+
+
+# GPTQ batches of same-shape experts (QMoE quantizes a layer's experts as one 3-D batch:
+# per-column work is a few small torch calls, which a batch shares). The cap bounds the
+# batch's float32 weights and Hessians.
+GPTQ_BATCH_BYTES = 256 << 20
+GPTQ_BATCH_MAX = 64
+GPTQ_BATCH_WINDOW = 256
+
+
+def gptq_batches(sources, experts, todo, calibration) -> dict[int, list[int]]:
+    """First index of each batch -> its indices: 2-D experts of one shape still to do,
+    within a window of tensors (a checkpoint interleaves a layer's wi and wo); fused 3-D
+    experts are a batch by themselves. Members are held from the first one's turn to
+    their own, so the window and the byte cap bound memory."""
+    batches, open_ = {}, {}
+    for i in todo:
+        src = sources[i]
+        if not (experts[i] and len(src.shape) == 2
+                and not isinstance(calibration.tokens.get(src.name), list)):
+            continue
+        rows, cols = src.shape
+        key = (tuple(src.shape), src.dtype)
+        run = open_.get(key)
+        if run and ((len(run) + 1) * 4 * (rows * cols + cols * cols) > GPTQ_BATCH_BYTES
+                    or len(run) >= GPTQ_BATCH_MAX or i - run[0] >= GPTQ_BATCH_WINDOW):
+            run = None
+        if run is None:
+            run = open_[key] = []
+            batches[i] = run
+        run.append(i)
+    return {i: run for i, run in batches.items() if len(run) > 1}
+
+
+def _gptq_stacked(names: list[str], rows: list[np.ndarray], options: PackOptions, calibration):
+    """GPTQ on same-shape 2-D experts as one [E, rows, cols] batch: per expert, the
+    (result, quantizer record) that `_gptq` gives it alone, bit for bit."""
+    import torch
+    from dataclasses import replace
+
+    for name, r in zip(names, rows):
+        if not np.isfinite(r).all():
+            raise PackError(f"tensor {name!r}: non-finite weights; refusing to quantize it")
+    cols = rows[0].shape[1]
+    W = torch.from_numpy(np.stack(rows))
+    H = torch.stack([calibration.hessian(n, cols) if n in calibration else torch.zeros(cols, cols)
+                     for n in names])
+    result, quantizer = _run_gptq(W, H, options)
+    out = []
+    for e, name in enumerate(names):
+        one = replace(result, status=[result.status[e]], **{
+            f: None if getattr(result, f) is None else getattr(result, f)[e]
+            for f in ("codes", "dequantized", "lo", "hi", "scales", "zeros")})
+        status = result.status[e] if name in calibration else "rtn-no-calibration"
+        out.append((one, dict(quantizer, status=status, tokens=calibration.tokens.get(name, 0))))
+    return out
+
+
+def _run_gptq(W, H, options: PackOptions):
+    """GPTQ of W [E, rows, cols] with H [E, cols, cols] on the options' grid: the result
+    and the quantizer record's common part."""
+    from . import gptq
+    act_order = options.gptq_act_order
+    if options.bits == "ternary":
+        result = gptq.gptq_ternary(W, H, act_order=act_order)
+        grid = "qmoe-ternary"
+    else:
+        result = gptq.gptq_kbit(W, H, int(options.bits), options.group_size, act_order=act_order)
+        grid = "minmax-asymmetric"
+    return result, {"method": "gptq", "grid": grid, "damp": 0.1, "act_order": act_order}
 
 
 def _kbit_arrays(record: dict, q, scales, zeros, quantizer: dict, options: PackOptions,
@@ -377,6 +440,8 @@ def pack(input_path, output_path, options: PackOptions, resume: bool = False,
         done = [r if r is not None and r.get("name") == src.name else None
                 for r, src in zip(done, sources)]
         todo = [i for i, r in enumerate(done) if r is None]
+        batches = gptq_batches(sources, experts, todo, calibration) if calibration else {}
+        quantized = {}
         records = []
         # Three stages overlap: the next tensor is read and hashed ahead (prefetch), the
         # current one is quantized and coded here, and the previous one's files are
@@ -386,9 +451,13 @@ def pack(input_path, output_path, options: PackOptions, resume: bool = False,
                 ThreadPoolExecutor(max_workers=1) as write_behind:
             pending, writes, failed = {}, deque(), threading.Event()
             cursor = 0
+
+            def fetch(j: int) -> None:
+                if j not in pending:
+                    pending[j] = prefetch.submit(load_source, sources[j], experts[j], options)
+
             if todo:
-                pending[todo[0]] = prefetch.submit(load_source, sources[todo[0]],
-                                                   experts[todo[0]], options)
+                fetch(todo[0])
             for i, (src, path) in enumerate(zip(sources, paths)):
                 record = done[i]
                 if record is not None:
@@ -396,14 +465,19 @@ def pack(input_path, output_path, options: PackOptions, resume: bool = False,
                         writer.adopt_dictionary(record["dictionary"])
                     summary.resumed_tensors += 1
                 else:
+                    if i in batches:
+                        for j in batches[i]:
+                            fetch(j)
+                        quantized.update(zip(batches[i], _gptq_stacked(
+                            [sources[j].name for j in batches[i]],
+                            [pending[j].result()[2] for j in batches[i]], options, calibration)))
                     loaded = pending.pop(i).result()
                     cursor += 1
                     if cursor < len(todo):
-                        j = todo[cursor]
-                        pending[j] = prefetch.submit(load_source, sources[j], experts[j], options)
+                        fetch(todo[cursor])
                     record, arrays = prepare_tensor(path, src.name, loaded, src.dtype,
                                                     experts[i], options, writer, calibration,
-                                                    int(params_left[i]))
+                                                    int(params_left[i]), quantized.pop(i, None))
                     del loaded
                     writes.append(write_behind.submit(_write_behind, failed, writer, record, arrays))
                     while len(writes) > 2:

@@ -106,3 +106,30 @@ def test_calibrate_the_bundled_model(tmp_path):
     for layer in range(4):
         assert sum(f.tokens[f"blocks.{layer}.mlp.experts.expert_{j}.wi.weight"] for j in range(8)) == 768
     assert f.hessian("blocks.0.mlp.experts.expert_0.wo.weight", 512).shape == (512, 512)
+
+
+def test_same_shape_experts_are_batched_within_a_window(monkeypatch):
+    from types import SimpleNamespace
+
+    from qmoefmt import pack as pack_mod
+
+    def src(name, shape):
+        return SimpleNamespace(name=name, shape=shape, dtype="bfloat16")
+    # a layer's wi and wo interleave, as checkpoints store them; one dense tensor between
+    sources = [src(f"e{j}.{k}", (8, 4) if k == "wi" else (4, 8)) for j in range(5) for k in ("wi", "wo")]
+    sources.insert(4, src("norm", (8,)))
+    experts = [s.name != "norm" for s in sources]
+    cal = SimpleNamespace(tokens={})
+    todo = list(range(len(sources)))
+    got = pack_mod.gptq_batches(sources, experts, todo, cal)
+    assert got == {0: [0, 2, 5, 7, 9], 1: [1, 3, 6, 8, 10]}
+    # resumed tensors drop out; a window and a byte cap split batches
+    assert pack_mod.gptq_batches(sources, experts, [3, 6, 8], cal) == {3: [3, 6, 8]}
+    monkeypatch.setattr(pack_mod, "GPTQ_BATCH_WINDOW", 5)
+    assert pack_mod.gptq_batches(sources, experts, todo, cal)[0] == [0, 2]
+    monkeypatch.setattr(pack_mod, "GPTQ_BATCH_WINDOW", 256)
+    monkeypatch.setattr(pack_mod, "GPTQ_BATCH_BYTES", 3 * 4 * (8 * 4 + 4 * 4))
+    assert pack_mod.gptq_batches(sources, experts, todo, cal)[0] == [0, 2, 5]
+    # fused experts (a list of counts in the file) are never stacked with others
+    cal.tokens = {"e0.wi": [1, 2]}
+    assert 0 not in pack_mod.gptq_batches(sources, experts, todo, cal)
