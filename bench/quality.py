@@ -15,8 +15,9 @@ inputs X through their Hessian (||A X||^2 = tr(A H A^T)), for experts with >= 64
     python bench/quality.py [--tokens 65536] [--seed 0] [--grids ternary 2 2-g128 3 4]
         [--threads 2] [--act-order | --no-act-order] [--json OUT] [--workdir DIR]
 
-About 3 minutes on 2 CPU cores. GPTQ times are wall-clock on a machine that may be
-shared; they are indicative only.
+About 6 minutes on 2 CPU cores (measured 352 s with the cores partly shared, 902 s when
+two other jobs ran on them). GPTQ times are wall-clock and suffer the same sharing; they
+are indicative only.
 """
 from __future__ import annotations
 
