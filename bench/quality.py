@@ -252,8 +252,8 @@ def main() -> None:
     parser.add_argument("--grids", nargs="+", choices=list(GRIDS), default=list(GRIDS))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None,
-                        help="GPTQ column order for every grid (default: pack's per grid, "
-                             f"{GPTQ_ACT_ORDER})")
+                        help="GPTQ column order for every grid (default: pack's, "
+                             f"act-order {GPTQ_ACT_ORDER})")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--workdir", type=Path, help="keep the stores and files here")
     args = parser.parse_args()

@@ -69,8 +69,8 @@ def main():
 @click.option("--calibration", type=click.Path(exists=True, dir_okay=False),
               help="GPTQ: Hessians of the expert inputs (spec/calibration-v1.md).")
 @click.option("--act-order/--no-act-order", default=None,
-              help="GPTQ: columns by decreasing Hessian diagonal (default: on for 2/3/4 bits, "
-                   "off for ternary, as measured best by bench/quality.py).")
+              help="GPTQ column order: by decreasing Hessian diagonal (default; better at every "
+                   "grid in bench/quality.py), or QMoE's plain order.")
 @click.option("--bits", type=click.Choice(["ternary", "2", "3", "4"]), default="ternary",
               show_default=True, help="ternary: dictionary-coded; 2/3/4: see --kbit-codec.")
 @click.option("--kbit-codec", type=click.Choice(["auto", "packed", "dict16"]), default="auto",
@@ -138,7 +138,7 @@ BUNDLED_MODEL = "fixtures/moe-tiny/model.safetensors"
 @click.option("--group-size", type=click.IntRange(min=1), default=None,
               help="--sequential, 2/3/4 bits: one scale and zero point per this many columns.")
 @click.option("--act-order/--no-act-order", default=None,
-              help="--sequential: GPTQ column order (default: pack's for the grid).")
+              help="--sequential: GPTQ column order (default: pack's, act-order).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @clean_errors
 def calibrate(output, model_path, tokens, sequential, bits, group_size, act_order, as_json):
@@ -169,9 +169,9 @@ def calibrate(output, model_path, tokens, sequential, bits, group_size, act_orde
     batches = torch.split(windows, 16)
     selector = ExpertSelector(preset="switch")
     if sequential:
-        from qmoefmt.sequential import expert_layers, sequential_calibrate
+        from qmoefmt.sequential import expert_layers, sequential_calibrate, sublayer_key
 
-        passes = len(expert_layers(model, selector))
+        passes = len(expert_layers(model, selector, sublayer_key))
         with _bar(passes * len(batches), "batch", "calibrate") as bar:
             def run(m):
                 for b in batches:

@@ -5,12 +5,14 @@ model whose earlier layers already hold their GPTQ weights, so later layers cali
 (and compensate) the error of earlier ones. The result is an ordinary calibration file
 (spec/calibration-v1.md) whose metadata key `sequential` records the GPTQ settings; `pack
 --method gptq --calibration FILE` with those settings recomputes exactly the weights this
-pass used, because each expert goes through pack's own per-tensor GPTQ (`pack._gptq`)
-with the same weights and the same Hessian.
+pass used, because the experts go through pack's own batched GPTQ (`pack._gptq_stacked`)
+with the same weights and the same Hessians.
 
-Layers. An expert linear's layer is given by `layer_key(weight_name)`; the default is its
-module path up to the last component named `experts` (Switch, Mixtral, and most Hugging
-Face MoE models name their expert containers so), or else the expert module's parent.
+Layers. An expert linear's step is given by `layer_key(weight_name)`. `default_layer_key`
+is its MoE layer: the module path up to the last component named `experts` (Switch,
+Mixtral, and most Hugging Face MoE models name their expert containers so), or else the
+expert module's parent. The default, `sublayer_key`, splits that layer by the linear's
+name within the expert (wi, then wo), so wo calibrates on the quantized wi's outputs.
 Layers are taken in order of first use in a forward pass, not module order: registration
 order need not be execution order (a decoder registered before its encoder), and sequential
 mode is only right in execution order. The first pass over the calibration batches both
@@ -24,11 +26,10 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
 from .calibration import HessianCollector, write_calibration
-from .pack import PackError, PackOptions, _gptq
+from .pack import PackOptions, _gptq_stacked
 
 # pack quantizes with gptq's default dampening (and records it as 0.1 in each quantizer).
 DAMP = 0.1
@@ -40,6 +41,16 @@ def default_layer_key(weight_name: str) -> str:
     if "experts" in parts[:-1]:
         return ".".join(parts[: len(parts) - parts[::-1].index("experts")])
     return ".".join(parts[:-2])
+
+
+def sublayer_key(weight_name: str) -> str:
+    """True-sequential (the GPTQ reference's --true-sequential): each linear of an expert is
+    its own step, `blocks.3.mlp.experts.expert_5.wo.weight` -> `blocks.3.mlp.experts/wo`, so
+    a layer's wo is calibrated on the outputs of its already quantized wi. Experts that are
+    a single linear keep their layer's key."""
+    layer = default_layer_key(weight_name)
+    inner = weight_name.split(".")[:-1][len(layer.split(".")) + 1:]   # below the expert itself
+    return f"{layer}/{'.'.join(inner)}" if inner else layer
 
 
 def expert_layers(model: torch.nn.Module, selector: Callable[[str], bool],
@@ -80,7 +91,7 @@ class SequentialCalibration:
 
 
 class _LayerCalibration:
-    """The slice of a calibration file that pack._gptq reads, held in memory."""
+    """The slice of a calibration file that pack's GPTQ reads, held in memory."""
 
     def __init__(self, hessians: dict[str, torch.Tensor], tokens: dict[str, int]):
         self._hessians = hessians
@@ -118,13 +129,16 @@ def sequential_calibrate(
     bits: str = "ternary",
     group_size: int | None = None,
     act_order: bool | None = None,
-    layer_key: Callable[[str], str] = default_layer_key,
+    layer_key: Callable[[str], str] = sublayer_key,
     progress: Callable[[int, int, str], None] | None = None,
 ) -> SequentialCalibration:
     """Quantize `model`'s selected expert linears in place, layer by layer, with GPTQ
     (`bits` "ternary" | "2" | "3" | "4", `group_size` for k-bit, `act_order` None = pack's
     default for the grid), each layer calibrated on the model with the layers before it
-    quantized. `batches` is a re-iterable of model inputs (run as `model(batch)`) or a
+    quantized. A "layer" is what `layer_key` says: by default each linear of the experts
+    of one MoE layer (true-sequential: on the bundled model's 2-bit grid it took the loss
+    ratio from 0.245-0.253 to 0.236-0.237 over two seeds, for 2n passes instead of n);
+    `default_layer_key` gives QMoE's whole-layer steps. `batches` is a re-iterable of model inputs (run as `model(batch)`) or a
     callable `run(model)`; it runs once per layer. `progress(done, layers, layer)` is called
     after each layer. Weights are written back in the model's dtype (exact for float32)."""
     options = PackOptions(experts=("*",), method="gptq", bits=bits, group_size=group_size,
@@ -170,14 +184,17 @@ def sequential_calibrate(
 
         t1 = time.perf_counter()
         layer_cal = _LayerCalibration(hessians, tokens)
+        by_shape: dict[tuple, list[str]] = {}
         for name in names:
-            weight = modules[name].weight
-            rows = weight.detach().to("cpu", torch.float32, copy=True).contiguous().numpy()
-            if not np.isfinite(rows).all():
-                raise PackError(f"tensor {name!r}: non-finite weights; refusing to quantize it")
-            gptq, quantizer = _gptq(name, rows, options, layer_cal)
-            weight.copy_(gptq.dequantized.to(weight.device, weight.dtype))
-            result.status[name] = quantizer["status"]
+            by_shape.setdefault(tuple(modules[name].weight.shape), []).append(name)
+        for same in by_shape.values():
+            # one batch per shape, as pack batches them (bit-identical to one at a time)
+            rows = [modules[n].weight.detach().to("cpu", torch.float32, copy=True).contiguous().numpy()
+                    for n in same]
+            for name, (gptq, quantizer) in zip(same, _gptq_stacked(same, rows, options, layer_cal)):
+                weight = modules[name].weight
+                weight.copy_(gptq.dequantized.to(weight.device, weight.dtype))
+                result.status[name] = quantizer["status"]
         result.quantization_seconds += time.perf_counter() - t1
         result.hessians.update(hessians)
         result.tokens.update(tokens)

@@ -104,9 +104,8 @@ def test_pack_fused_experts_each_as_if_alone(tmp_path, bits):
     t = qmoefmt.open(tmp_path / "s")[NAME]
     q = t.record["quantizer"]
     assert q["status"] == ["gptq", "rtn-no-tokens", "gptq"] and q["tokens"] == tokens
-    act_order = bits != "ternary"
-    runs = [gptq.gptq_ternary(torch.from_numpy(w[e]), h[e]) if bits == "ternary" else
-            gptq.gptq_kbit(torch.from_numpy(w[e]), h[e], int(bits), act_order=act_order)
+    runs = [gptq.gptq_ternary(torch.from_numpy(w[e]), h[e], act_order=True) if bits == "ternary" else
+            gptq.gptq_kbit(torch.from_numpy(w[e]), h[e], int(bits), act_order=True)
             for e in range(E)]
     assert np.array_equal(t.decode(), np.stack([r.dequantized.numpy() for r in runs]))
     assert np.array_equal(t.symbols(), np.stack([r.codes.numpy() for r in runs]))

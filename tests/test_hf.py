@@ -78,7 +78,7 @@ def calibrate(model, preset):
 
 
 def expected(W, Hs, bits):
-    return (gptq.gptq_ternary(W, Hs) if bits == "ternary"
+    return (gptq.gptq_ternary(W, Hs, act_order=True) if bits == "ternary"
             else gptq.gptq_kbit(W, Hs, 2, act_order=True))
 
 

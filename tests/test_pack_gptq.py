@@ -48,8 +48,9 @@ def test_gptq_pack_matches_gptq(model, bits):
         assert t.record["quantizer"]["status"] == status
         W = torch.from_numpy(w[name])
         Hn = H.get(name, torch.zeros(40, 40))
-        r = gptq.gptq_ternary(W, Hn) if bits == "ternary" else gptq.gptq_kbit(W, Hn, 2, act_order=True)
-        assert t.record["quantizer"]["act_order"] == (bits != "ternary")
+        r = (gptq.gptq_ternary(W, Hn, act_order=True) if bits == "ternary"
+             else gptq.gptq_kbit(W, Hn, 2, act_order=True))
+        assert t.record["quantizer"]["act_order"] is True
         assert np.array_equal(t.symbols(), r.codes.numpy())
         assert np.array_equal(t.decode(), r.dequantized.numpy())
     # GPTQ must beat RTN on the calibrated expert's outputs

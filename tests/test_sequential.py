@@ -19,7 +19,7 @@ from qmoefmt.errors import FormatError
 from qmoefmt.moe_model import MoEConfig, SwitchMoELM, save_model
 from qmoefmt.pack import PackError, PackOptions, pack
 from qmoefmt.selection import ExpertSelector
-from qmoefmt.sequential import default_layer_key, expert_layers, sequential_calibrate
+from qmoefmt.sequential import default_layer_key, expert_layers, sequential_calibrate, sublayer_key
 from qmoefmt_cli.main import main as cli
 
 SWITCH = ExpertSelector(preset="switch")
@@ -114,25 +114,29 @@ def _hessians_by_hand(model, names, runs) -> dict[str, torch.Tensor]:
     return out
 
 
-def test_each_layer_is_calibrated_on_the_earlier_layers_quantized():
+@pytest.mark.parametrize("key", [sublayer_key, default_layer_key])
+def test_each_layer_is_calibrated_on_the_earlier_layers_quantized(key):
     dense = small_model()
     model = copy.deepcopy(dense)
-    r = sequential_calibrate(model, batches(), SWITCH, bits="2")
-    assert [key for key, _ in r.layers] == [f"blocks.{i}.mlp.experts" for i in range(CONFIG.n_layers)]
+    r = sequential_calibrate(model, batches(), SWITCH, bits="2", layer_key=key)
+    want = [f"blocks.{i}.mlp.experts" + ("/" + k if key is sublayer_key else "")
+            for i in range(CONFIG.n_layers) for k in (("wi", "wo") if key is sublayer_key else ("",))]
+    assert [k for k, _ in r.layers] == want
     quantized = model.state_dict()
-    for layer in range(CONFIG.n_layers):
-        # Independently: the dense model with layers < l set to the pass's final weights.
+    earlier = []
+    for step, (_, names) in enumerate(r.layers):
+        # Independently: the dense model with every earlier step set to the pass's weights.
         ref = copy.deepcopy(dense)
-        earlier = [n for i in range(layer) for n in layer_names(i)]
         ref.load_state_dict({**ref.state_dict(), **{n: quantized[n] for n in earlier}})
-        expect = _hessians_by_hand(ref, layer_names(layer), batches())
-        plain = _hessians_by_hand(dense, layer_names(layer), batches())
-        for n in layer_names(layer):
+        expect = _hessians_by_hand(ref, names, batches())
+        plain = _hessians_by_hand(dense, names, batches())
+        for n in names:
             torch.testing.assert_close(r.hessians[n], expect[n], rtol=1e-5, atol=1e-5)
-        if layer:   # the check has teeth: the dense model's Hessians differ
-            assert any(not torch.allclose(plain[n], expect[n], rtol=1e-3, atol=1e-4)
-                       for n in layer_names(layer))
-        total = sum(int(b.numel()) for b in batches())
+        if step:   # the check has teeth: the dense model's Hessians differ
+            assert any(not torch.allclose(plain[n], expect[n], rtol=1e-3, atol=1e-4) for n in names)
+        earlier += names
+    total = sum(int(b.numel()) for b in batches())
+    for layer in range(CONFIG.n_layers):
         assert sum(r.tokens[n] for n in layer_names(layer) if ".wi." in n) == total
     # every expert of every layer now holds its GPTQ weights
     for n in r.hessians:
@@ -223,7 +227,7 @@ def test_cli_calibrate_sequential(tmp_path):
     summary = json.loads(res.output)
     settings = {"bits": "2", "group_size": 64, "act_order": False, "damp": 0.1}
     assert summary["sequential"] == settings
-    assert summary["layers"] == [f"blocks.{i}.mlp.experts" for i in range(4)]
+    assert summary["layers"] == [f"blocks.{i}.mlp.experts/{k}" for i in range(4) for k in ("wi", "wo")]
     assert summary["tokens"] == 256 and summary["experts"] == 64
     assert CalibrationFile(out).sequential == settings
     res = runner.invoke(cli, ["calibrate", str(tmp_path / "x"), "--bits", "2"])
@@ -232,3 +236,14 @@ def test_cli_calibrate_sequential(tmp_path):
                               "--group-size", "8"])
     assert res.exit_code == 1 and "--group-size" in res.output
     assert not (tmp_path / "x").exists()
+
+
+def test_sublayer_keys_split_an_expert_into_its_linears():
+    assert sublayer_key("blocks.3.mlp.experts.expert_5.wi.weight") == "blocks.3.mlp.experts/wi"
+    assert (sublayer_key("model.layers.0.block_sparse_moe.experts.5.w2.weight")
+            == "model.layers.0.block_sparse_moe.experts/w2")
+    assert sublayer_key("early.experts.0.weight") == "early.experts"      # one linear per expert
+    assert sublayer_key("layers.2.ffn.e7.fc1.weight") == "layers.2.ffn/fc1"
+    r = sequential_calibrate(small_model(), batches(), SWITCH)
+    assert [key for key, _ in r.layers] == [f"blocks.{i}.mlp.experts/{k}"
+                                            for i in range(CONFIG.n_layers) for k in ("wi", "wo")]
