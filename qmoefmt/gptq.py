@@ -67,18 +67,24 @@ class GPTQResult:
     zeros: torch.Tensor | None = None
 
 
-def _feedback_matrix(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``M^T`` where ``M = R / diag(R)`` (column-wise) and ``H + damping = R R^T``, R upper.
+def _feedback_matrix(H: torch.Tensor, damp: float, order: torch.Tensor | None = None,
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``M^T`` where ``M = R / diag(R)`` (column-wise) and ``H + damping = R R^T``, R upper,
+    for H's inputs taken in ``order`` ``[E, cols]`` (None: as they are).
 
     Also returns the dead inputs ``[E, cols]``, and per expert whether it has no
     tokens (every input dead) and whether the factorization succeeded.  Reversing the
     index order turns LAPACK's lower Cholesky factor into the upper one we need; the
     damping and dead-input fixes are applied to that reversed copy, so the caller's
-    (possibly large) batch of Hessians is never copied twice.
+    (possibly large) batch of Hessians is never copied twice: a column order is applied
+    in that same copy, one expert at a time (a batched gather would need an index as
+    large as H).
     """
     cols = H.shape[-1]
     eye = torch.eye(cols, dtype=H.dtype, device=H.device)
     diag = H.diagonal(dim1=-2, dim2=-1)
+    if order is not None:
+        diag = torch.take_along_dim(diag, order, dim=-1)
     dead = diag == 0
     # For a Hessian sum x x^T a zero diagonal means a zero matrix: no tokens at all.
     no_tokens = dead.all(dim=-1)
@@ -86,14 +92,23 @@ def _feedback_matrix(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.
     # A dead input is always zero, so its row and column of H are zero and it
     # decouples: any positive diagonal works, and its weights never matter.
     fix = dead.to(H.dtype) + damp * diag.mean(dim=-1, keepdim=True)
-    flipped = H.flip(-2, -1)
+    if order is None:
+        flipped = H.flip(-2, -1)
+    else:
+        flipped = torch.empty_like(H)
+        for h, rev, out in zip(H, order.flip(-1), flipped):
+            torch.index_select(h.index_select(0, rev), 1, rev, out=out)
     flipped.diagonal(dim1=-2, dim2=-1).add_(fix.flip(-1))
     # Identity Hessian: no error feedback, i.e. plain RTN.
     flipped[no_tokens] = eye
     L, info = torch.linalg.cholesky_ex(flipped)
     del flipped
-    # L is column-major, so L^T is the cheap row-major view: M^T = flip(L^T / diag(L) row-wise).
-    MT = (L.mT / L.diagonal(dim1=-2, dim2=-1)[..., :, None]).flip(-2, -1)
+    # L is column-major, so L^T is the cheap row-major view: M^T = flip(L^T / diag(L) row-wise),
+    # divided in place (L is ours) so that only the flip allocates.
+    LT = L.mT
+    LT.div_(L.diagonal(dim1=-2, dim2=-1).clone()[..., :, None])
+    MT = LT.flip(-2, -1)
+    del L, LT
     # A sum is finite only if every entry is (overflow counts as failure too).
     ok = (info == 0) & torch.isfinite(MT.sum(dim=(-2, -1)))
     MT[~ok] = eye
@@ -119,10 +134,10 @@ def _gptq(
         # are left to absorb their errors.  The grid stays that of the original W.
         order = torch.argsort(H.diagonal(dim1=-2, dim2=-1), dim=-1, descending=True, stable=True)
         W = torch.take_along_dim(W, order[:, None, :], dim=2)
-        H = torch.take_along_dim(torch.take_along_dim(H, order[:, :, None], dim=1), order[:, None, :], dim=2)
+        MT, dead, no_tokens, ok = _feedback_matrix(H.to(torch.float32), damp, order)
     else:
         order = torch.arange(cols, device=W.device).expand(E, cols)
-    MT, dead, no_tokens, ok = _feedback_matrix(H.to(torch.float32), damp)
+        MT, dead, no_tokens, ok = _feedback_matrix(H.to(torch.float32), damp)
     status = [STATUS_NO_TOKENS if n else STATUS_GPTQ for n in no_tokens.tolist()]
     for e in torch.nonzero(~ok).flatten().tolist():
         warnings.warn(
