@@ -71,6 +71,9 @@ def main():
 @click.option("--act-order/--no-act-order", default=None,
               help="GPTQ column order: by decreasing Hessian diagonal (default; better at every "
                    "grid in bench/quality.py), or QMoE's plain order.")
+@click.option("--device", default="cpu", show_default=True,
+              help="GPTQ: the torch device it runs on, e.g. cuda (the store then depends on it: "
+                   "GPU arithmetic differs from the CPU's).")
 @click.option("--bits", type=click.Choice(["ternary", "2", "3", "4"]), default="ternary",
               show_default=True, help="ternary: dictionary-coded; 2/3/4: see --kbit-codec.")
 @click.option("--kbit-codec", type=click.Choice(["auto", "packed", "dict16"]), default="auto",
@@ -83,15 +86,16 @@ def main():
 @click.option("--resume", is_flag=True, help="Finish an interrupted pack into OUTPUT.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @clean_errors
-def pack(input_path, output, experts, preset, dictionary, method, calibration, act_order, bits,
-         kbit_codec, group_size, resume, as_json):
+def pack(input_path, output, experts, preset, dictionary, method, calibration, act_order, device,
+         bits, kbit_codec, group_size, resume, as_json):
     """Pack the checkpoint INPUT (safetensors, .pt/.bin, HDF5) into the store OUTPUT."""
     from qmoefmt.checkpoint import open_checkpoint
     from qmoefmt.pack import PackOptions, pack as run_pack
 
     options = PackOptions(experts=tuple(experts), preset=preset, dictionary=dictionary,
                           method=method, bits=bits, group_size=group_size,
-                          calibration=calibration, act_order=act_order, kbit_codec=kbit_codec)
+                          calibration=calibration, act_order=act_order, kbit_codec=kbit_codec,
+                          device=device)
     options.validate()
     with open_checkpoint(input_path) as ckpt:
         total = sum(s.nbytes for s in ckpt.tensors())

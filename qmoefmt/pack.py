@@ -53,6 +53,7 @@ class PackOptions:
     calibration: str | None = None    # gptq only: a calibration file (spec/calibration-v1.md)
     act_order: bool | None = None     # gptq only: None = GPTQ_ACT_ORDER
     kbit_codec: str = "auto"          # 2/3/4 bits: "auto" | "packed" | "dict16" (spec §12, §13)
+    device: str = "cpu"               # gptq only: "cpu" | "cuda" (a torch device string)
 
     def validate(self) -> None:
         if self.dictionary not in ("auto", "qmoe-2023"):
@@ -67,6 +68,17 @@ class PackOptions:
             raise PackError(f"--kbit-codec must be auto, packed or dict16, not {self.kbit_codec!r}")
         if self.kbit_codec != "auto" and self.bits == "ternary":
             raise PackError("--kbit-codec needs --bits 2, 3 or 4")
+        if self.device != "cpu":
+            if self.method != "gptq":
+                raise PackError("--device needs --method gptq (it is where GPTQ runs)")
+            import torch
+            try:
+                dev = torch.device(self.device)
+            except RuntimeError:
+                raise PackError(f"--device {self.device!r} is not a torch device") from None
+            if dev.type != "cuda" or not torch.cuda.is_available():
+                raise PackError(f"--device {self.device}: no such device here "
+                                "(torch sees no CUDA GPU)")
         if self.act_order is not None and self.method != "gptq":
             raise PackError("--act-order/--no-act-order need --method gptq")
         if self.group_size is not None and (self.bits == "ternary" or self.group_size < 1):
@@ -330,14 +342,22 @@ def _gptq_stacked(names: list[str], rows: list[np.ndarray], options: PackOptions
 def _run_gptq(W, H, options: PackOptions):
     """GPTQ of W [E, rows, cols] with H [E, cols, cols] on the options' grid: the result
     and the quantizer record's common part."""
+    from dataclasses import fields, replace
+
     from . import gptq
     act_order = options.gptq_act_order
+    # The device is a pack option, recorded in the root: a GPU's float arithmetic differs
+    # from the CPU's, so each device gives its own (deterministic) store.
+    W, H = W.to(options.device), H.to(options.device)
     if options.bits == "ternary":
         result = gptq.gptq_ternary(W, H, act_order=act_order)
         grid = "qmoe-ternary"
     else:
         result = gptq.gptq_kbit(W, H, int(options.bits), options.group_size, act_order=act_order)
         grid = "minmax-asymmetric"
+    if options.device != "cpu":
+        result = replace(result, **{f.name: getattr(result, f.name).cpu() for f in fields(result)
+                                    if hasattr(getattr(result, f.name), "cpu")})
     return result, {"method": "gptq", "grid": grid, "damp": 0.1, "act_order": act_order}
 
 

@@ -134,3 +134,28 @@ def test_same_shape_experts_are_batched_within_a_window(monkeypatch):
     # fused experts (a list of counts in the file) are never stacked with others
     cal.tokens = {"e0.wi": [1, 2]}
     assert 0 not in pack_mod.gptq_batches(sources, experts, todo, cal)
+
+
+def test_device_is_checked():
+    with pytest.raises(PackError, match="--device needs --method gptq"):
+        PackOptions(experts=("*",), device="cuda").validate()
+    with pytest.raises(PackError, match="not a torch device"):
+        PackOptions(experts=("*",), method="gptq", calibration="c", device="gpu0").validate()
+    if not torch.cuda.is_available():
+        with pytest.raises(PackError, match="no such device here"):
+            PackOptions(experts=("*",), method="gptq", calibration="c", device="cuda").validate()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gptq_pack_on_cuda(model):
+    tmp, w, H = model
+    for device in ("cpu", "cuda"):
+        pack(tmp / "m.safetensors", tmp / device, PackOptions(
+            experts=("*experts*",), method="gptq", bits="2", calibration=str(tmp / "cal.safetensors"),
+            device=device))
+        assert verify(tmp / device, deep=True) == []
+    a, b = qmoefmt.open(tmp / "cpu"), qmoefmt.open(tmp / "cuda")
+    assert b.meta["pack"]["device"] == "cuda"
+    for name in NAMES:
+        # GPU arithmetic may flip a rounding tie; the weights must agree nearly everywhere
+        assert (a[name].symbols() == b[name].symbols()).mean() > 0.99
