@@ -238,28 +238,21 @@ def _bf16_bits(values) -> np.ndarray:
     return (np.asarray(values, np.float32).view(np.uint32) >> 16).astype(np.uint16)
 
 
-def _gptq(name: str, rows: np.ndarray, options: PackOptions, calibration, shape=None):
+def _gptq(name: str, rows: np.ndarray, options: PackOptions, calibration, shape):
     """GPTQ on one expert tensor with its Hessian. `rows` is the tensor as [prod(shape[:-1]),
     cols]: a 2-D weight, or experts fused into one weight [E, out, in], which the file gives
     an [E, in, in] Hessian and E token counts (calibration 1.1). Fused experts go through
     GPTQ as one batch, each exactly as if alone; results come back as rows either way. An
     expert the file lacks, or that saw no tokens, falls back to round to nearest, recorded
     in the quantizer: `status` and `tokens` per tensor, or lists of E of them for fused
-    experts. `shape`, if given, is the tensor's, checked against the Hessian."""
+    experts. `shape` is the tensor's, checked against the Hessian."""
     import torch
 
     cols = rows.shape[1]
     W = torch.from_numpy(rows)
     present = name in calibration
     count = calibration.tokens.get(name, 0)
-    if shape is None and isinstance(count, list):
-        # A caller that knows only the rows: the file's count list says the tensor is fused.
-        if not count or rows.shape[0] % len(count):
-            raise PackError(f"tensor {name!r}: {rows.shape[0]} rows do not split into the "
-                            f"{len(count)} experts of its Hessian in "
-                            f"{getattr(calibration, 'path', 'the calibration')}")
-        shape = (len(count), rows.shape[0] // len(count), cols)
-    if present and shape is not None and len(shape) == 3:
+    if present and len(shape) == 3:
         shape = tuple(shape)
         if math.prod(shape[:-1]) != rows.shape[0] or shape[-1] != cols:
             raise PackError(f"tensor {name!r}: rows {list(rows.shape)} are not of shape "
@@ -267,7 +260,7 @@ def _gptq(name: str, rows: np.ndarray, options: PackOptions, calibration, shape=
         H = calibration.hessian(name, shape)
         W = W.reshape(shape)
     else:
-        # an int for a 2-D weight: what sequential's in-memory calibration also takes
+        # a 2-D weight: one [in, in] Hessian
         H = calibration.hessian(name, cols) if present else torch.zeros(cols, cols)
     result, quantizer = _run_gptq(W, H, options)
     if W.dim() == 3:

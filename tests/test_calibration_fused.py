@@ -119,8 +119,8 @@ def test_gptq_checks_rows_against_the_experts(tmp_path):
     write_calibration(tmp_path / "c.safetensors", {NAME: h}, {NAME: tokens})
     f = CalibrationFile(tmp_path / "c.safetensors")
     opts = PackOptions(experts=("*",), method="gptq", calibration=str(tmp_path / "c.safetensors"))
-    with pytest.raises(PackError, match=r"10 rows do not split into the 3 experts"):
-        _gptq(NAME, np.zeros((10, IN), np.float32), opts, f)
+    with pytest.raises(PackError, match=r"rows \[10, 16\] are not of shape \[3, 4, 16\]"):
+        _gptq(NAME, np.zeros((10, IN), np.float32), opts, f, shape=(3, 4, IN))
     with pytest.raises(FormatError, match=r"expected a list of 4 counts"):
         _gptq(NAME, np.zeros((12, IN), np.float32), opts, f, shape=(4, 3, IN))
     with pytest.raises(FormatError, match=r"expected one count for a 2-D weight"):
