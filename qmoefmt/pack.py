@@ -373,13 +373,19 @@ def _kbit_arrays(record: dict, q, scales, zeros, quantizer: dict, options: PackO
                    layout.logical_dtype(layout.CODEC_UINT, record["dtype"], "scales")),
         "zeros": (zeros, None),
     }
-    if options.kbit_codec != "packed":
-        ternary, row_escapes, escape_cols, escape_levels = uintdict.split(q, zeros, size)
+    packed_bytes = rows * uintpack.row_bytes(cols, bits)
+    d = uintdict.steps(q, zeros, size) if options.kbit_codec != "packed" else None
+    # The escapes and per-row counts alone can rule §13 out (3/4-bit grids: 15-60% of
+    # levels are escapes); then `auto` skips choosing a dictionary and coding the signs.
+    if options.kbit_codec == "dict16" or (
+            options.kbit_codec == "auto" and uintdict.coded_bytes(
+                0, rows, cols, int(np.count_nonzero(np.abs(d) >= 2))) < packed_bytes):
+        ternary, row_escapes, escape_cols, escape_levels = uintdict.split(q, zeros, size, d)
         counts = np.bincount(ternary.reshape(-1), minlength=3)[:3].astype(np.int64)
         d = choose_dictionary(options, counts, list(writer.dictionaries.values()))
         codes, row_codes = encode(ternary, d)
         coded = uintdict.coded_bytes(len(codes), rows, cols, len(escape_cols))
-        saving = rows * uintpack.row_bytes(cols, bits) - coded
+        saving = packed_bytes - coded
         if d.content_id not in writer.dictionaries and q.size:
             saving = saving * params_left / q.size - sum(t.nbytes for t in d.tables().values())
         if options.kbit_codec == "dict16" or saving > 0:

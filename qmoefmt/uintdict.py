@@ -24,13 +24,20 @@ def _zero_points(zeros: np.ndarray, cols: int, group_size: int) -> np.ndarray:
     return np.asarray(zeros)[:, np.arange(cols) // group_size].astype(np.int16)
 
 
-def split(levels: np.ndarray, zeros: np.ndarray, group_size: int):
+def steps(levels: np.ndarray, zeros: np.ndarray, group_size: int) -> np.ndarray:
+    """int16 `level - zero point` of every level."""
+    levels = np.asarray(levels, np.uint8)
+    return levels.astype(np.int16) - _zero_points(zeros, levels.shape[1], group_size)
+
+
+def split(levels: np.ndarray, zeros: np.ndarray, group_size: int, d: np.ndarray | None = None):
     """levels uint8 [rows, cols] -> (ternary int8 [rows, cols], row_escapes, escape_cols,
     escape_levels): symbol 1 where level < zero, 2 where level > zero, and every level two
-    or more steps from its zero point listed, row by row, columns increasing."""
+    or more steps from its zero point listed, row by row, columns increasing. `d` is
+    `steps(levels, zeros, group_size)` if the caller has it already."""
     levels = np.asarray(levels, np.uint8)
     rows, cols = levels.shape
-    d = levels.astype(np.int16) - _zero_points(zeros, cols, group_size)
+    d = steps(levels, zeros, group_size) if d is None else d
     ternary = ((d < 0) * 1 + (d > 0) * 2).astype(np.int8)
     far = np.abs(d) >= 2
     dt = index_dtype(cols)

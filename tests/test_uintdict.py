@@ -204,3 +204,15 @@ def test_version_must_match_codecs(ckpt, tmp_path):
     root["format_version"] = "1.1"
     (store / "zarr.json").write_bytes(layout.root_doc({k: v for k, v in root.items() if k != "checksum"}))
     assert any("is not 1.2" in p.what for p in verify(store))
+
+
+def test_auto_skips_coding_when_escapes_alone_outweigh_packing(ckpt, tmp_path, monkeypatch):
+    import qmoefmt.pack as pack_mod
+    calls = []
+    real = pack_mod.encode
+    monkeypatch.setattr(pack_mod, "encode", lambda *a: calls.append(1) or real(*a))
+    pack(ckpt / "m.safetensors", tmp_path / "s4", PackOptions(experts=("*experts*",), bits="4"))
+    assert calls == [] and {qmoefmt.open(tmp_path / "s4")[n].codec for n in
+                            qmoefmt.open(tmp_path / "s4")} == {layout.CODEC_UINT, layout.CODEC_DENSE}
+    pack(ckpt / "m.safetensors", tmp_path / "s2", PackOptions(experts=("*experts*",), bits="2"))
+    assert calls    # 2-bit signs are worth coding: auto weighs them
