@@ -16,9 +16,9 @@ import time
 import numba
 import numpy as np
 
-from qmoefmt import codec
-from qmoefmt.dict_golomb import build_golomb, ladder_point
-from qmoefmt.dict_qmoe import build_qmoe2023
+from qmoefmt.dictionaries import stream as codec
+from qmoefmt.dictionaries.golomb import build_golomb, ladder_point
+from qmoefmt.dictionaries.qmoe2023 import build_qmoe2023
 
 P0S = (0.80, 0.885, 0.93, 0.97)
 SHAPES = ((768, 3072), (3072, 768), (1024, 4096), (4096, 1024), (2080, 6144), (6144, 2080))

@@ -14,7 +14,8 @@ import time
 
 import torch
 
-from qmoefmt import gptq, quantizers
+from qmoefmt.quantize import gptq
+from qmoefmt.quantize import grids as quantizers
 
 E = 16
 

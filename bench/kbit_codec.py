@@ -17,14 +17,16 @@ import time
 import numpy as np
 import torch
 
-from qmoefmt import gptq, uintdict, uintpack
-from qmoefmt import quantizers as qz
+from qmoefmt.quantize import gptq
+from qmoefmt.codecs import uint_dict16 as uintdict
+from qmoefmt.codecs import uint_packed as uintpack
+from qmoefmt.quantize import grids as qz
 from qmoefmt.calibration import HessianCollector
-from qmoefmt.codec import decode_symbols, encode
-from qmoefmt.dict_golomb import build_golomb, choose
-from qmoefmt.moe_model import load_model, token_windows
+from qmoefmt.dictionaries.stream import decode_symbols, encode
+from qmoefmt.dictionaries.golomb import build_golomb, choose
+from qmoefmt.demo.model import load_model, token_windows
 from qmoefmt.selection import ExpertSelector
-from qmoefmt.textdata import train_tokens
+from qmoefmt.demo.textdata import train_tokens
 
 MODEL = "fixtures/moe-tiny/model.safetensors"
 

@@ -15,22 +15,22 @@ from pathlib import Path
 import numpy as np
 
 import qmoefmt
-from qmoefmt import layout
+from qmoefmt import format as fmt
 
 
 def make_root(path: Path, n: int) -> int:
-    paths = layout.tensor_paths(
+    paths = fmt.tensor_paths(
         f"encoder.block.{i // 4096}.layer.1.mlp.experts.expert_{i % 4096}.wi.weight" for i in range(n))
     arr = {"data_type": "uint16", "shape": [123456], "crc32c": 4023233417}
     records = [{"name": p.removeprefix("tensors/"), "path": p, "shape": [3072, 768],
-                "dtype": "bfloat16", "codec": layout.CODEC_TERNARY, "dictionary": "sha256:" + "0" * 64,
+                "dtype": "bfloat16", "codec": fmt.CODEC_TERNARY, "dictionary": "sha256:" + "0" * 64,
                 "quantizer": {"method": "rtn", "grid": "qmoe-ternary"},
                 "symbol_counts": [2000000, 180000, 179296], "source_sha256": "f" * 64,
                 "arrays": {"codes": arr, "row_codes": dict(arr, shape=[3072]),
                            "scales": dict(arr, shape=[3072, 2])}} for p in paths]
     meta = {"format_version": "1.0", "complete": True, "pack": {}, "plan": {}, "source": {},
             "writer": {"name": "bench"}, "dictionaries": [], "tensors": records}
-    raw = layout.root_doc(meta)
+    raw = fmt.root_doc(meta)
     path.mkdir(parents=True, exist_ok=True)
     (path / "zarr.json").write_bytes(raw)
     return len(raw)

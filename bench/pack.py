@@ -26,7 +26,7 @@ D_MODEL, D_FF = 768, 3072
 
 def generate(path: Path, gb: float) -> tuple[int, int]:
     """Experts of switch-base shapes, heavy-tailed rows (student-t), plus dense tensors."""
-    from qmoefmt.safetensors_writer import SafetensorsWriter
+    from qmoefmt.io.safetensors_writer import SafetensorsWriter
 
     per_expert = 2 * D_MODEL * D_FF
     n_experts = max(1, int(gb * 1e9 / 2 / per_expert))
@@ -62,7 +62,7 @@ print(json.dumps(dict(seconds=time.perf_counter() - t, params=s.params, bits=s.b
 
 CHILD_READ = """
 import sys, json, resource, time
-from qmoefmt.checkpoint import open_checkpoint
+from qmoefmt.io.checkpoint import open_checkpoint
 t = time.perf_counter(); n = 0
 with open_checkpoint(sys.argv[1]) as c:
     for s in c.tensors():

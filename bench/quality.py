@@ -35,12 +35,13 @@ import numpy as np
 import torch
 
 import qmoefmt
-from qmoefmt import layout, textdata
+from qmoefmt import format as fmt
+from qmoefmt.demo import textdata
 from qmoefmt.calibration import HessianCollector
-from qmoefmt.moe_model import heldout_loss, load_model
+from qmoefmt.demo.model import heldout_loss, load_model
 from qmoefmt.pack import GPTQ_ACT_ORDER, PackOptions, pack
 from qmoefmt.selection import ExpertSelector
-from qmoefmt.sequential import sequential_calibrate
+from qmoefmt.quantize.sequential import sequential_calibrate
 
 REPO = Path(__file__).resolve().parent.parent
 CHECKPOINT = REPO / "fixtures" / "moe-tiny" / "model.safetensors"
@@ -69,7 +70,7 @@ def model_from_store(dense: torch.nn.Module, store) -> torch.nn.Module:
     st = qmoefmt.open(store)
     with torch.no_grad():
         for t in st.tensors():
-            if t.codec != layout.CODEC_DENSE:
+            if t.codec != fmt.CODEC_DENSE:
                 model.get_parameter(t.name).copy_(torch.from_numpy(t.decode()))
     return model
 
@@ -88,20 +89,20 @@ def store_stats(store: Path, summary) -> dict:
     params = payload = coded = 0
     entropy = zeros = 0.0
     for t in st.tensors():
-        if t.codec == layout.CODEC_DENSE:
+        if t.codec == fmt.CODEC_DENSE:
             continue
         n = math.prod(t.shape)
         params += n
         for name, desc in t.record["arrays"].items():
-            nbytes = math.prod(desc["shape"]) * layout.np_dtype(desc["data_type"]).itemsize
+            nbytes = math.prod(desc["shape"]) * fmt.np_dtype(desc["data_type"]).itemsize
             payload += nbytes
             if name in ("codes", "row_codes"):
                 coded += nbytes
-        if t.codec == layout.CODEC_TERNARY:
+        if t.codec == fmt.CODEC_TERNARY:
             counts = t.record["symbol_counts"]
             entropy += _entropy_bits(counts)
             zeros += counts[0]
-    dicts = sum(p.stat().st_size for p in (store / layout.DICTIONARIES).rglob("*") if p.is_file())
+    dicts = sum(p.stat().st_size for p in (store / fmt.DICTIONARIES).rglob("*") if p.is_file())
     out = {"store_bits_per_param": summary.bits_per_param,
            "expert_bits_per_param": 8 * payload / params,
            "expert_bits_per_param_with_dicts": 8 * (payload + dicts) / params,

@@ -15,7 +15,7 @@ import click
 from tqdm import tqdm
 
 from qmoefmt import __version__
-from qmoefmt.checkpoint import CheckpointError
+from qmoefmt.io.checkpoint import CheckpointError
 from qmoefmt.errors import QmoeError
 
 
@@ -89,7 +89,7 @@ def main():
 def pack(input_path, output, experts, preset, dictionary, method, calibration, act_order, device,
          bits, kbit_codec, group_size, resume, as_json):
     """Pack the checkpoint INPUT (safetensors, .pt/.bin, HDF5) into the store OUTPUT."""
-    from qmoefmt.checkpoint import open_checkpoint
+    from qmoefmt.io.checkpoint import open_checkpoint
     from qmoefmt.pack import PackOptions, pack as run_pack
 
     options = PackOptions(experts=tuple(experts), preset=preset, dictionary=dictionary,
@@ -149,14 +149,14 @@ def calibrate(output, model_path, tokens, sequential, bits, group_size, act_orde
     """Collect the expert-input Hessians of the bundled MoE model on its training text
     into OUTPUT (a calibration file, spec/calibration-v1.md) for `pack --method gptq`.
     Other PyTorch models: qmoefmt.calibration.HessianCollector, and for sequential mode
-    qmoefmt.sequential.sequential_calibrate."""
+    qmoefmt.quantize.sequential.sequential_calibrate."""
     import torch
 
-    from qmoefmt.calibration import HessianCollector
-    from qmoefmt.moe_model import load_model, token_windows
+    from qmoefmt.quantize.collector import HessianCollector
+    from qmoefmt.demo.model import load_model, token_windows
     from qmoefmt.pack import PackOptions
     from qmoefmt.selection import ExpertSelector
-    from qmoefmt.textdata import train_tokens
+    from qmoefmt.demo.textdata import train_tokens
 
     if not sequential and (bits, group_size, act_order) != (None, None, None):
         raise click.UsageError("--bits, --group-size and --act-order/--no-act-order need "
@@ -173,7 +173,7 @@ def calibrate(output, model_path, tokens, sequential, bits, group_size, act_orde
     batches = torch.split(windows, 16)
     selector = ExpertSelector(preset="switch")
     if sequential:
-        from qmoefmt.sequential import expert_layers, sequential_calibrate, sublayer_key
+        from qmoefmt.quantize.sequential import expert_layers, sequential_calibrate, sublayer_key
 
         passes = len(expert_layers(model, selector, sublayer_key))
         with _bar(passes * len(batches), "batch", "calibrate") as bar:
@@ -224,7 +224,7 @@ def calibrate(output, model_path, tokens, sequential, bits, group_size, act_orde
 def inspect(store, as_json, show_all):
     """Show a store's format version, completeness and tensors."""
     import qmoefmt
-    from qmoefmt.inspect import summarize
+    from qmoefmt.store.summary import summarize
 
     s = summarize(qmoefmt.open(store, allow_incomplete=True))
     if as_json:
@@ -260,7 +260,7 @@ def inspect(store, as_json, show_all):
 @clean_errors
 def verify(store, deep, as_json):
     """Check a store's checksums and structure; exit 0 only if sound and complete."""
-    from qmoefmt.verify import verify as run_verify
+    from qmoefmt.store.verify import verify as run_verify
 
     opened = {"n": 0}
 
@@ -291,7 +291,7 @@ def verify(store, deep, as_json):
 def unpack(store, output, as_json):
     """Write a store's weights to OUTPUT.safetensors, experts dequantized."""
     import qmoefmt
-    from qmoefmt.unpack import unpack as run_unpack
+    from qmoefmt.io.unpack import unpack as run_unpack
 
     st = qmoefmt.open(store)
     with _bar(len(st), "tensor", "unpack") as bar:

@@ -210,7 +210,7 @@ def pack(store: str) -> None:
 
 
 def check_store(store: str) -> None:
-    from qmoefmt.verify import verify
+    from qmoefmt.store.verify import verify
     problems = verify(FIX / store, deep=True)
     for p in problems:
         print("PROBLEM:", p, file=sys.stderr)
@@ -229,12 +229,12 @@ def store_root(store: Path) -> dict:
 
 
 def read_chunk(store: Path, rec: dict, name: str) -> np.ndarray:
-    from qmoefmt import layout
+    from qmoefmt import format as fmt
     desc = rec["arrays"][name]
-    dt = layout.np_dtype(desc["data_type"])
-    if not layout.has_chunk(desc["shape"]):
+    dt = fmt.np_dtype(desc["data_type"])
+    if not fmt.has_chunk(desc["shape"]):
         return np.zeros(desc["shape"], dt)
-    raw = (store / rec["path"] / name / layout.chunk_key(desc["shape"])).read_bytes()
+    raw = (store / rec["path"] / name / fmt.chunk_key(desc["shape"])).read_bytes()
     return np.frombuffer(raw, dt).reshape(desc["shape"])
 
 
@@ -337,40 +337,41 @@ class Store:
         return read_chunk(self.path, self.record(name), array).copy()
 
     def write_array(self, node: str, arr: np.ndarray, logical_dtype: str | None) -> dict:
-        from qmoefmt import layout
+        from qmoefmt import format as fmt
         data_type = str(arr.dtype)
-        arr = np.ascontiguousarray(arr, dtype=layout.np_dtype(data_type))
+        arr = np.ascontiguousarray(arr, dtype=fmt.np_dtype(data_type))
         base = self.path / node
         if (base / "c").exists():
             if (base / "c").is_dir():
                 shutil.rmtree(base / "c")
             else:
                 (base / "c").unlink()
-        if layout.has_chunk(arr.shape):
-            chunk = base / layout.chunk_key(arr.shape)
+        if fmt.has_chunk(arr.shape):
+            chunk = base / fmt.chunk_key(arr.shape)
             chunk.parent.mkdir(parents=True, exist_ok=True)
             raw = arr.reshape(-1).view(np.uint8).tobytes()
             chunk.write_bytes(raw)
-            crc = layout.crc32c(raw)
+            crc = fmt.crc32c(raw)
         else:
-            crc = layout.crc32c(b"")
-        (base / "zarr.json").write_bytes(layout.array_doc(data_type, arr.shape, logical_dtype))
+            crc = fmt.crc32c(b"")
+        (base / "zarr.json").write_bytes(fmt.array_doc(data_type, arr.shape, logical_dtype))
         return {"data_type": data_type, "shape": list(arr.shape), "crc32c": crc}
 
     def set_tensor_array(self, name: str, array: str, arr: np.ndarray) -> None:
-        from qmoefmt import layout
+        from qmoefmt import format as fmt
         rec = self.record(name)
-        ld = layout.logical_dtype(rec["codec"], rec["dtype"], array)
+        from qmoefmt import codecs
+        ld = codecs.get(rec["codec"]).logical_dtype(array, rec["dtype"])
         rec["arrays"][array] = self.write_array(f"{rec['path']}/{array}", arr, ld)
         self.write_tensor_group(rec)
 
     def write_tensor_group(self, rec: dict) -> None:
-        from qmoefmt import layout
-        (self.path / rec["path"] / "zarr.json").write_bytes(layout.group_doc({"qmoefmt": rec}))
+        from qmoefmt import format as fmt
+        (self.path / rec["path"] / "zarr.json").write_bytes(fmt.group_doc({"qmoefmt": rec}))
 
     def write_root(self) -> None:
-        from qmoefmt import layout
-        (self.path / "zarr.json").write_bytes(layout.root_doc(self.meta))
+        from qmoefmt import format as fmt
+        (self.path / "zarr.json").write_bytes(fmt.root_doc(self.meta))
 
 
 def flip(path: Path, offset: int, mask: int = 0x01) -> None:
@@ -380,18 +381,18 @@ def flip(path: Path, offset: int, mask: int = 0x01) -> None:
 
 
 def make_broken(ref) -> None:
-    from qmoefmt import layout
-    from qmoefmt.dict_qmoe import build_qmoe2023
-    from qmoefmt.dictionary import Dictionary
+    from qmoefmt import format as fmt
+    from qmoefmt.dictionaries.qmoe2023 import build_qmoe2023
+    from qmoefmt.dictionaries.tables import Dictionary
 
     src = FIX / "edge.qmoe"
     root = FIX / "broken"
     root.mkdir(parents=True, exist_ok=True)
     # sanity: re-signing an untouched store reproduces it byte for byte
     probe = Store(src)
-    assert layout.root_doc(probe.meta) == (src / "zarr.json").read_bytes()
+    assert fmt.root_doc(probe.meta) == (src / "zarr.json").read_bytes()
     for rec in probe.meta["tensors"]:
-        assert layout.group_doc({"qmoefmt": rec}) == (src / rec["path"] / "zarr.json").read_bytes()
+        assert fmt.group_doc({"qmoefmt": rec}) == (src / rec["path"] / "zarr.json").read_bytes()
 
     cases: dict[str, dict] = {}
 
@@ -417,11 +418,11 @@ def make_broken(ref) -> None:
     s = case("root-not-json", "root zarr.json with its final closing braces removed (not "
              "valid JSON), self-checksum recomputed so only the JSON parse fails",
              "not a qmoefmt root group", "not a qmoefmt root group")
-    raw = layout.root_doc(s.meta)
+    raw = fmt.root_doc(s.meta)
     assert raw.endswith(b"}\n")
     raw = raw[:-2] + b"\n"
-    crc = f"{layout.crc32c(layout._replace_checksum(raw, '00000000')):08x}"
-    (s.path / "zarr.json").write_bytes(layout._replace_checksum(raw, crc))
+    crc = f"{fmt.crc32c(fmt.metadata._replace_checksum(raw, '00000000')):08x}"
+    (s.path / "zarr.json").write_bytes(fmt.metadata._replace_checksum(raw, crc))
 
     s = case("unknown-major", "format_version \"2.0\", checksum recomputed",
              "format_version 2.0 has major 2", "format_version 2.0 has major 2")
@@ -556,17 +557,17 @@ def make_broken(ref) -> None:
     tables = {}
     for name in ("length", "next_state", "nnz", "nz_pos", "nz_sym"):
         desc = entry["arrays"][name]
-        raw = (s.path / old_path / name / layout.chunk_key(desc["shape"])).read_bytes()
-        tables[name] = np.frombuffer(raw, layout.np_dtype(desc["data_type"])).reshape(
+        raw = (s.path / old_path / name / fmt.chunk_key(desc["shape"])).read_bytes()
+        tables[name] = np.frombuffer(raw, fmt.np_dtype(desc["data_type"])).reshape(
             desc["shape"]).copy()
     tables["next_state"][0, 5] = 1
     new_id = Dictionary(kind="qmoe-2023", params={}, **tables).content_id
-    new_path = layout.dictionary_path(new_id)
+    new_path = fmt.dictionary_path(new_id)
     shutil.rmtree(s.path / old_path)
     entry["id"], entry["path"] = new_id, new_path
     entry["arrays"] = {name: s.write_array(f"{new_path}/{name}", a, None)
                        for name, a in tables.items()}
-    (s.path / new_path / "zarr.json").write_bytes(layout.group_doc({"qmoefmt": entry}))
+    (s.path / new_path / "zarr.json").write_bytes(fmt.group_doc({"qmoefmt": entry}))
     for rec in s.meta["tensors"]:
         if rec.get("dictionary") == old_id:
             rec["dictionary"] = new_id
@@ -634,7 +635,7 @@ def reference_kbit(w: np.ndarray, bits: int, group: int):
 def make_conformance_uint() -> None:
     """Levels and values of every uint-packed tensor, from reference_kbit, and the sha256 of
     the packed q bytes each store must hold."""
-    from qmoefmt import uintpack
+    from qmoefmt.codecs import uint_packed as uintpack
     out = FIX / "conformance-uint"
     out.mkdir(parents=True, exist_ok=True)
     manifest = {"description": "Expected levels/values (plain-numpy grid of spec section 12 "

@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from qmoefmt import textdata
-from qmoefmt.moe_model import MoEConfig, SwitchMoELM, heldout_loss, save_model, token_windows
+from qmoefmt.demo import textdata
+from qmoefmt.demo.model import MoEConfig, SwitchMoELM, heldout_loss, save_model, token_windows
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "fixtures" / "moe-tiny" / "model.safetensors"

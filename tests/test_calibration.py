@@ -12,9 +12,9 @@ from safetensors.torch import save_file
 
 from qmoefmt.calibration import CalibrationFile, HessianCollector, hessian_from_inputs, write_calibration
 from qmoefmt.errors import FormatError
-from qmoefmt.moe_model import load_model, token_windows
+from qmoefmt.demo.model import load_model, token_windows
 from qmoefmt.selection import ExpertSelector
-from qmoefmt.textdata import train_tokens
+from qmoefmt.demo.textdata import train_tokens
 
 MODEL = Path(__file__).resolve().parents[1] / "fixtures" / "moe-tiny" / "model.safetensors"
 

@@ -11,11 +11,13 @@ import torch
 from safetensors.torch import save_file
 
 import qmoefmt
-from qmoefmt import gptq
+from qmoefmt.quantize import gptq
 from qmoefmt.calibration import CalibrationFile, HessianCollector, write_calibration
 from qmoefmt.errors import FormatError
-from qmoefmt.pack import PackError, PackOptions, _gptq, pack
-from qmoefmt.verify import verify
+from qmoefmt.errors import QuantizeError
+from qmoefmt.pack import PackOptions, pack
+from qmoefmt.quantize.expert_gptq import GPTQSettings, quantize_expert
+from qmoefmt.store.verify import verify
 
 E, OUT, IN = 3, 8, 16
 NAME = "layers.0.experts.w"
@@ -118,13 +120,13 @@ def test_gptq_checks_rows_against_the_experts(tmp_path):
     h, tokens = hessians()
     write_calibration(tmp_path / "c.safetensors", {NAME: h}, {NAME: tokens})
     f = CalibrationFile(tmp_path / "c.safetensors")
-    opts = PackOptions(experts=("*",), method="gptq", calibration=str(tmp_path / "c.safetensors"))
-    with pytest.raises(PackError, match=r"rows \[10, 16\] are not of shape \[3, 4, 16\]"):
-        _gptq(NAME, np.zeros((10, IN), np.float32), opts, f, shape=(3, 4, IN))
+    opts = GPTQSettings()
+    with pytest.raises(QuantizeError, match=r"rows \[10, 16\] are not of shape \[3, 4, 16\]"):
+        quantize_expert(NAME, np.zeros((10, IN), np.float32), opts, f, shape=(3, 4, IN))
     with pytest.raises(FormatError, match=r"expected a list of 4 counts"):
-        _gptq(NAME, np.zeros((12, IN), np.float32), opts, f, shape=(4, 3, IN))
+        quantize_expert(NAME, np.zeros((12, IN), np.float32), opts, f, shape=(4, 3, IN))
     with pytest.raises(FormatError, match=r"expected one count for a 2-D weight"):
-        _gptq(NAME, np.zeros((9, IN), np.float32), opts, f, shape=(9, IN))
+        quantize_expert(NAME, np.zeros((9, IN), np.float32), opts, f, shape=(9, IN))
 
 
 def test_collector_registry_routes_a_custom_module():

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from qmoefmt.checkpoint import CheckpointError, dtype_of, numpy_dtype, open_checkpoint
+from qmoefmt.io.checkpoint import CheckpointError, dtype_of, numpy_dtype, open_checkpoint
 
 DTYPES = (
     "bool int8 int16 int32 int64 uint8 uint16 uint32 uint64 float16 bfloat16 float32 float64"

@@ -179,10 +179,10 @@ def test_pack_json_and_resume_message(tmp_path, small_ckpt):
     assert_one_line_error(r, 1, "already complete")
     # an interrupted one can: fake the interruption by marking the root incomplete and
     # removing one tensor's group document
-    from qmoefmt import layout
+    from qmoefmt import format as fmt
     meta = json.loads((out / "zarr.json").read_bytes())["attributes"]["qmoefmt"]
     meta = {k: v for k, v in meta.items() if k not in ("tensors", "dictionaries")}
-    (out / "zarr.json").write_bytes(layout.root_doc(dict(meta, complete=False)))
+    (out / "zarr.json").write_bytes(fmt.root_doc(dict(meta, complete=False)))
     (out / "tensors" / "layer.norm" / "zarr.json").unlink()
     r = run("pack", small_ckpt, out, "--experts", "*.experts.*", "--resume")
     assert r.exit_code == 0, r.output

@@ -11,12 +11,14 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from qmoefmt.codec import decode_symbols, decode_values, encode
-from qmoefmt.dict_golomb import build_golomb, ladder_point
-from qmoefmt.dict_qmoe import build_qmoe2023
-from qmoefmt.dictionary import validate_tables
+from qmoefmt.dictionaries.stream import decode_symbols, decode_values, encode
+from qmoefmt.dictionaries.golomb import build_golomb, ladder_point
+from qmoefmt.dictionaries.qmoe2023 import build_qmoe2023
+from qmoefmt.dictionaries.tables import validate_tables
 from qmoefmt.errors import FormatError
-from qmoefmt.ternary import NonFiniteError, quantize_rtn, scales_to_float
+from qmoefmt.errors import NonFiniteError
+from qmoefmt.format import bf16
+from qmoefmt.quantize.rtn import quantize_rtn
 from test_qmoe_reference import reference_encode, reference_quantize, reference_sequences
 
 # build_golomb takes 1-2 s per dictionary (lru_cached, 8 slots): a small fixed set.
@@ -436,7 +438,7 @@ def test_quantizer_matches_reference_on_weights(seed, rows, cols, scale, df):
         sym, scales, _ = quantize_rtn(w)
         rsym, rscales, values = reference_quantize(w)
         assert np.array_equal(sym, rsym) and np.array_equal(scales, rscales)
-        lo, hi = scales_to_float(scales)
+        lo, hi = bf16.to_float32(scales).T
         assert np.array_equal(np.choose(sym, [np.float32(0), lo[:, None], hi[:, None]]), values)
         assert (lo <= 0).all() and (hi >= 0).all()
 

@@ -13,8 +13,8 @@ import pytest
 from safetensors.numpy import load_file
 
 import qmoefmt
-from qmoefmt import layout
-from qmoefmt.verify import verify
+from qmoefmt import format as fmt
+from qmoefmt.store.verify import verify
 
 REPO = Path(__file__).resolve().parents[1]
 FIX = REPO / "fixtures"
@@ -31,7 +31,7 @@ def test_manifest_covers_the_fixture_stores():
                            "edge-auto.qmoe"}
     for store in STORES:
         st = qmoefmt.open(FIX / store)
-        coded = {n for n in st if st[n].codec == layout.CODEC_TERNARY}
+        coded = {n for n in st if st[n].codec == fmt.CODEC_TERNARY}
         assert coded == set(MANIFEST["stores"][store]["tensors"]), store
     # the streams of qmoe-2023 stores come from the independent reference encoder
     for store in ("switch-tiny-qmoe2023.qmoe", "edge.qmoe"):
@@ -93,7 +93,7 @@ def test_uint_manifest_covers_the_stores():
     for store in UINT_STORES:
         st = qmoefmt.open(FIX / store)
         assert st.format_version == "1.1"
-        coded = {n for n in st if st[n].codec == layout.CODEC_UINT}
+        coded = {n for n in st if st[n].codec == fmt.CODEC_UINT}
         assert coded == set(MANIFEST_UINT["stores"][store]["tensors"]), store
 
 
@@ -126,7 +126,7 @@ def test_uint_dict_manifest_covers_the_stores():
     for store in UDICT_STORES:
         st = qmoefmt.open(FIX / store)
         assert st.format_version == "1.2"
-        coded = {n for n in st if st[n].codec == layout.CODEC_UINT_DICT}
+        coded = {n for n in st if st[n].codec == fmt.CODEC_UINT_DICT}
         assert coded == set(MANIFEST_UDICT["stores"][store]["tensors"]), store
         kinds |= {e["stream_source"] for e in MANIFEST_UDICT["stores"][store]["tensors"].values()}
     # one store's streams come from the independent QMoE encoder, not from our own

@@ -7,8 +7,8 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qmoefmt import codec
-from qmoefmt.dictionary import CODEWORDS, Dictionary
+from qmoefmt.dictionaries import stream as codec
+from qmoefmt.dictionaries.tables import CODEWORDS, Dictionary
 
 
 def random_dictionary(rng, n_states: int, k: int, max_len: int) -> Dictionary:

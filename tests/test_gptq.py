@@ -3,8 +3,8 @@ import warnings
 import pytest
 import torch
 
-from qmoefmt import gptq
-from qmoefmt import quantizers as qz
+from qmoefmt.quantize import gptq
+from qmoefmt.quantize import grids as qz
 
 GRIDS = ["ternary", 2, 3, 4]
 

@@ -11,11 +11,11 @@ from click.testing import CliRunner
 from safetensors.torch import save_file
 
 import qmoefmt
-from qmoefmt import gptq
+from qmoefmt.quantize import gptq
 from qmoefmt.calibration import CalibrationFile, HessianCollector, fused_experts
 from qmoefmt.pack import PackOptions, pack
 from qmoefmt.selection import ExpertSelector
-from qmoefmt.verify import verify
+from qmoefmt.store.verify import verify
 from qmoefmt_cli.main import main as cli
 
 transformers = pytest.importorskip("transformers")

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from qmoefmt import textdata
-from qmoefmt.moe_model import (
+from qmoefmt.demo import textdata
+from qmoefmt.demo.model import (
     MoEConfig,
     SwitchMoELM,
     heldout_loss,

@@ -1,5 +1,5 @@
 """pack --method gptq --calibration FILE: GPTQ experts land in the store exactly as
-qmoefmt.gptq computes them; missing Hessians fall back to round to nearest."""
+qmoefmt.quantize.gptq computes them; missing Hessians fall back to round to nearest."""
 from __future__ import annotations
 
 import json
@@ -11,10 +11,10 @@ from click.testing import CliRunner
 from safetensors.numpy import save_file
 
 import qmoefmt
-from qmoefmt import gptq
+from qmoefmt.quantize import gptq
 from qmoefmt.calibration import write_calibration
 from qmoefmt.pack import PackError, PackOptions, pack
-from qmoefmt.verify import verify
+from qmoefmt.store.verify import verify
 from qmoefmt_cli.main import main as cli
 
 NAMES = [f"blocks.0.mlp.experts.expert_{j}.wi.weight" for j in range(3)]
@@ -112,7 +112,7 @@ def test_calibrate_the_bundled_model(tmp_path):
 def test_same_shape_experts_are_batched_within_a_window(monkeypatch):
     from types import SimpleNamespace
 
-    from qmoefmt import pack as pack_mod
+    from qmoefmt.pack import plan as pack_mod
 
     def src(name, shape):
         return SimpleNamespace(name=name, shape=shape, dtype="bfloat16")

@@ -1,6 +1,6 @@
 """An independent reference for the `qmoe-2023` dictionary and QMoE's greedy encoder, and
 for the RTN ternary quantizer, built from the algorithms' descriptions (spec §5.3, §6 and
-QMoE's sub1.py), not from qmoefmt.dict_qmoe / qmoefmt.codec / qmoefmt.ternary.
+QMoE's sub1.py), not from qmoefmt.dictionaries.qmoe2023 / qmoefmt.dictionaries.stream / qmoefmt.quantize.rtn.
 
 Plain Python and numpy only: a heapq of (-p, list of pairs), a dict-based trie, a greedy
 walk over the pairs of each row, and a numpy quantizer with ml_dtypes' bfloat16 rounding.
@@ -173,8 +173,8 @@ def bf16_bits_reference(x) -> np.ndarray:
 # ------------------------------------------------------------------ the tests
 
 def _library():
-    from qmoefmt.codec import encode
-    from qmoefmt.dict_qmoe import build_qmoe2023
+    from qmoefmt.dictionaries.stream import encode
+    from qmoefmt.dictionaries.qmoe2023 import build_qmoe2023
     return encode, build_qmoe2023()
 
 

@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from qmoefmt.checkpoint import dtype_of, numpy_dtype, open_checkpoint
-from qmoefmt.safetensors_writer import SafetensorsWriter
+from qmoefmt.io.checkpoint import dtype_of, numpy_dtype, open_checkpoint
+from qmoefmt.io.safetensors_writer import SafetensorsWriter
 
 DTYPES = (
     "bool int8 int16 int32 int64 uint8 uint16 uint32 uint64 float16 bfloat16 float32 float64"

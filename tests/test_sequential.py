@@ -16,10 +16,10 @@ from safetensors.torch import save_file
 import qmoefmt
 from qmoefmt.calibration import CalibrationFile, write_calibration
 from qmoefmt.errors import FormatError
-from qmoefmt.moe_model import MoEConfig, SwitchMoELM, save_model
+from qmoefmt.demo.model import MoEConfig, SwitchMoELM, save_model
 from qmoefmt.pack import PackError, PackOptions, pack
 from qmoefmt.selection import ExpertSelector
-from qmoefmt.sequential import default_layer_key, expert_layers, sequential_calibrate, sublayer_key
+from qmoefmt.quantize.sequential import default_layer_key, expert_layers, sequential_calibrate, sublayer_key
 from qmoefmt_cli.main import main as cli
 
 SWITCH = ExpertSelector(preset="switch")

@@ -17,14 +17,14 @@ import zarr
 from safetensors.torch import load_file, save_file
 
 import qmoefmt
-import qmoefmt.pack as pack_mod
-from qmoefmt import layout
+import qmoefmt.pack.executor as pack_mod
+from qmoefmt import format as fmt
 from qmoefmt.errors import IncompleteStoreError
-from qmoefmt.inspect import summarize
+from qmoefmt.store.summary import summarize
 from qmoefmt.pack import PackError, PackOptions, pack
-from qmoefmt.store_writer import StoreExistsError
-from qmoefmt.unpack import unpack
-from qmoefmt.verify import verify
+from qmoefmt.store.writer import StoreExistsError
+from qmoefmt.io.unpack import unpack
+from qmoefmt.store.verify import verify
 from test_qmoe_reference import reference_quantize
 
 REPO = Path(__file__).resolve().parents[1]
@@ -106,7 +106,7 @@ def check_against_source(store_path: Path, source: dict[str, torch.Tensor]) -> i
     for name, src in source.items():
         t = st[name]
         assert list(t.shape) == list(src.shape)
-        if t.codec == layout.CODEC_TERNARY:
+        if t.codec == fmt.CODEC_TERNARY:
             coded += 1
             w = rows_of(src.float().numpy())
             sym, scales, values = reference_quantize(w)
@@ -132,7 +132,7 @@ def check_against_manifest(store_path: Path, fixture_store: str, skip=()) -> Non
     manifest = json.loads((FIX / "conformance" / "manifest.json").read_text())
     want = manifest["stores"][fixture_store]["tensors"]
     st = qmoefmt.open(store_path)
-    coded = {n for n in st if st[n].codec == layout.CODEC_TERNARY}
+    coded = {n for n in st if st[n].codec == fmt.CODEC_TERNARY}
     assert coded == set(want) - set(skip)
     for name in coded:
         t, w = st[name], want[name]
@@ -161,7 +161,7 @@ def test_edge_pack_decodes_to_reference(edge_store, edge_lite):
     # edge.bias (1-D) and edge.index (int64) match the glob but are not experts
     assert coded == sum(1 for k in src if k.startswith("edge.")) - 2
     st = qmoefmt.open(edge_store)
-    assert st["edge.bias"].codec == st["edge.index"].codec == layout.CODEC_DENSE
+    assert st["edge.bias"].codec == st["edge.index"].codec == fmt.CODEC_DENSE
     assert st["edge.wide"].array("row_codes").dtype == np.uint32
     assert st["edge.odd"].array("row_codes").dtype == np.uint16
     check_against_manifest(edge_store, "edge.qmoe", skip=KNOWN_BAD)
@@ -176,7 +176,7 @@ def test_pack_expert_with_zero_columns(tmp_path):
                "e.v": torch.ones((2, 3), dtype=torch.bfloat16)}, str(p))
     pack(p, tmp_path / "s.qmoe", PackOptions(experts=("e.*",), dictionary="qmoe-2023"))
     t = qmoefmt.open(tmp_path / "s.qmoe")["e.w"]
-    assert t.codec == layout.CODEC_TERNARY and t.decode().shape == (16, 0)
+    assert t.codec == fmt.CODEC_TERNARY and t.decode().shape == (16, 0)
     assert verify(tmp_path / "s.qmoe", deep=True) == []
 
 
@@ -239,11 +239,11 @@ def test_summarize_counts_every_file(edge_store):
         n = math.prod(t["shape"])
         params += n
         assert t["bits_per_param"] == (8 * t["bytes"] / n if n else None)
-        if t["codec"] == layout.CODEC_TERNARY and n:
+        if t["codec"] == fmt.CODEC_TERNARY and n:
             assert t["zero_fraction"] == rec["symbol_counts"][0] / n
     assert s["total"]["params"] == params
     assert s["total"]["bits_per_param"] == 8 * on_disk / params
-    coded = [t for t in s["tensors"] if t["codec"] == layout.CODEC_TERNARY]
+    coded = [t for t in s["tensors"] if t["codec"] == fmt.CODEC_TERNARY]
     assert s["experts"]["bytes"] == sum(t["bytes"] for t in coded)
     assert s["dictionary_bytes"] == sum(
         p.stat().st_size for p in (edge_store / "dictionaries").rglob("*") if p.is_file())
@@ -285,19 +285,19 @@ class Interrupt(Exception):
 
 
 def counting_pack_tensor(monkeypatch, fail_at: int | None = None, after_write: bool = False):
-    """Wrap qmoefmt.pack.write_tensor (a tensor's files: its arrays, then its group):
+    """Wrap qmoefmt.pack.executor.write_tensor (a tensor's files: its arrays, then its group):
     count calls (by tensor name) and raise on call number `fail_at` (1-based), before
     anything was written or after its arrays were written but before its group was."""
     real = pack_mod.write_tensor
     calls: list[str] = []
 
-    def wrapper(writer, record, arrays):
-        calls.append(record["name"])
+    def wrapper(writer, prepared):
+        calls.append(prepared.record["name"])
         if fail_at is not None and len(calls) == fail_at:
             if after_write:
-                pack_mod.write_arrays(writer.root, record["path"], arrays)
+                pack_mod.write_arrays(writer.root, prepared.record["path"], prepared.arrays)
             raise Interrupt(f"interrupted at call {fail_at}")
-        return real(writer, record, arrays)
+        return real(writer, prepared)
 
     monkeypatch.setattr(pack_mod, "write_tensor", wrapper)
     return calls
@@ -497,7 +497,7 @@ def test_unpack(tmp_path, store):
         b = back[name]
         assert tuple(b.shape) == tuple(s.shape), name
         t = st[name]
-        if t.codec == layout.CODEC_DENSE:
+        if t.codec == fmt.CODEC_DENSE:
             assert b.dtype == s.dtype, name
             if s.dtype == torch.bfloat16:
                 assert np.array_equal(bits16(b), bits16(s)), name

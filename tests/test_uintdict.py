@@ -11,12 +11,13 @@ from hypothesis import strategies as st
 from safetensors.numpy import save_file
 
 import qmoefmt
-from qmoefmt import layout, uintdict
-from qmoefmt.codec import decode_symbols, encode
-from qmoefmt.dict_golomb import build_golomb
+from qmoefmt import format as fmt
+from qmoefmt.codecs import uint_dict16 as uintdict
+from qmoefmt.dictionaries.stream import decode_symbols, encode
+from qmoefmt.dictionaries.golomb import build_golomb
 from qmoefmt.errors import FormatError
 from qmoefmt.pack import PackError, PackOptions, pack
-from qmoefmt.verify import verify
+from qmoefmt.store.verify import verify
 
 
 def reference_merge(t, zeros, group_size, escapes):
@@ -113,10 +114,10 @@ def test_dict16_store_decodes_like_packed(ckpt, tmp_path, bits, group):
     a, b = qmoefmt.open(tmp_path / "p"), qmoefmt.open(tmp_path / "d")
     assert (a.format_version, b.format_version) == ("1.1", "1.2")
     for name in a:
-        want = layout.CODEC_DENSE if "norm" in name else layout.CODEC_UINT_DICT
+        want = fmt.CODEC_DENSE if "norm" in name else fmt.CODEC_UINT_DICT
         assert b[name].codec == want
         assert np.array_equal(a[name].decode(), b[name].decode())
-        if want != layout.CODEC_DENSE:
+        if want != fmt.CODEC_DENSE:
             assert np.array_equal(a[name].symbols(), b[name].symbols())
     assert verify(tmp_path / "d", deep=True) == []
 
@@ -126,7 +127,7 @@ def test_auto_keeps_small_models_packed_and_codes_large_ones(ckpt, tmp_path):
     pack(ckpt / "m.safetensors", small, PackOptions(experts=("*experts*",), bits="2"))
     st = qmoefmt.open(small)
     assert st.format_version == "1.1" and st.meta["dictionaries"] == []
-    assert {st[n].codec for n in st} == {layout.CODEC_UINT, layout.CODEC_DENSE}
+    assert {st[n].codec for n in st} == {fmt.CODEC_UINT, fmt.CODEC_DENSE}
     # 40 M weights: a ~3 MB dictionary pays for itself many times over
     rng = np.random.default_rng(0)
     w = {f"e.{j}": (rng.standard_normal((768, 3072)) * 0.02).astype(np.float32) for j in range(17)}
@@ -134,7 +135,7 @@ def test_auto_keeps_small_models_packed_and_codes_large_ones(ckpt, tmp_path):
     pack(tmp_path / "big.safetensors", tmp_path / "big", PackOptions(experts=("e.*",), bits="2"))
     st = qmoefmt.open(tmp_path / "big")
     assert st.format_version == "1.2"
-    assert {st[n].codec for n in st} == {layout.CODEC_UINT_DICT}
+    assert {st[n].codec for n in st} == {fmt.CODEC_UINT_DICT}
     # the sign stream of a Gaussian 2-bit expert: ~1.03 bits a weight against 2 packed
     t = st["e.0"]
     assert 8 * t.array("codes").nbytes / (768 * 3072) < 1.1
@@ -158,7 +159,7 @@ def test_resume_reproduces_dict16_store(ckpt, tmp_path):
         (part / r["path"] / "zarr.json").unlink()
     meta = {k: v for k, v in root.items() if k not in ("tensors", "dictionaries", "checksum")}
     meta.update(complete=False, format_version="1.2")
-    (part / "zarr.json").write_bytes(layout.root_doc(meta))
+    (part / "zarr.json").write_bytes(fmt.root_doc(meta))
     pack(ckpt / "m.safetensors", part, opts, resume=True)
     for p in sorted((tmp_path / "full").rglob("*")):
         if p.is_file():
@@ -168,15 +169,15 @@ def test_resume_reproduces_dict16_store(ckpt, tmp_path):
 def _tamper(store, name, array, fn):
     """Rewrite one array of one tensor and re-sign everything, so that only the codec's
     own checks can catch the change."""
-    from qmoefmt.store_writer import tensor_group_doc, write_array
+    from qmoefmt.store.writer import write_array
     root = json.loads((store / "zarr.json").read_bytes())["attributes"]["qmoefmt"]
     rec = next(r for r in root["tensors"] if r["name"] == name)
     t = qmoefmt.open(store)[name]
     arr = fn(np.array(t.array(array)))
     shutil.rmtree(store / rec["path"] / array)
     rec["arrays"][array] = write_array(store, f"{rec['path']}/{array}", arr, None)
-    (store / rec["path"] / "zarr.json").write_bytes(tensor_group_doc(rec))
-    (store / "zarr.json").write_bytes(layout.root_doc({k: v for k, v in root.items() if k != "checksum"}))
+    (store / rec["path"] / "zarr.json").write_bytes(fmt.node_doc(rec))
+    (store / "zarr.json").write_bytes(fmt.root_doc({k: v for k, v in root.items() if k != "checksum"}))
 
 
 @pytest.mark.parametrize("array,fn,match", [
@@ -202,17 +203,17 @@ def test_version_must_match_codecs(ckpt, tmp_path):
     pack(ckpt / "m.safetensors", store, PackOptions(experts=("*experts*",), bits="2", kbit_codec="dict16"))
     root = json.loads((store / "zarr.json").read_bytes())["attributes"]["qmoefmt"]
     root["format_version"] = "1.1"
-    (store / "zarr.json").write_bytes(layout.root_doc({k: v for k, v in root.items() if k != "checksum"}))
+    (store / "zarr.json").write_bytes(fmt.root_doc({k: v for k, v in root.items() if k != "checksum"}))
     assert any("is not 1.2" in p.what for p in verify(store))
 
 
 def test_auto_skips_coding_when_escapes_alone_outweigh_packing(ckpt, tmp_path, monkeypatch):
-    import qmoefmt.pack as pack_mod
+    import qmoefmt.codecs.uint_dict16 as dict16
     calls = []
-    real = pack_mod.encode
-    monkeypatch.setattr(pack_mod, "encode", lambda *a: calls.append(1) or real(*a))
+    real = dict16.encode
+    monkeypatch.setattr(dict16, "encode", lambda *a: calls.append(1) or real(*a))
     pack(ckpt / "m.safetensors", tmp_path / "s4", PackOptions(experts=("*experts*",), bits="4"))
     assert calls == [] and {qmoefmt.open(tmp_path / "s4")[n].codec for n in
-                            qmoefmt.open(tmp_path / "s4")} == {layout.CODEC_UINT, layout.CODEC_DENSE}
+                            qmoefmt.open(tmp_path / "s4")} == {fmt.CODEC_UINT, fmt.CODEC_DENSE}
     pack(ckpt / "m.safetensors", tmp_path / "s2", PackOptions(experts=("*experts*",), bits="2"))
     assert calls    # 2-bit signs are worth coding: auto weighs them

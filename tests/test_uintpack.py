@@ -10,11 +10,12 @@ from hypothesis import strategies as st
 from safetensors.numpy import save_file
 
 import qmoefmt
-from qmoefmt import uintpack
+from qmoefmt.codecs import uint_packed as uintpack
 from qmoefmt.errors import FormatError
+from qmoefmt.format.constants import KBIT_BITS
 from qmoefmt.pack import PackOptions, pack
-from qmoefmt.quantizers import kbit_dequant, kbit_rtn
-from qmoefmt.verify import verify
+from qmoefmt.quantize.grids import kbit_dequant, kbit_rtn
+from qmoefmt.store.verify import verify
 
 
 def reference_pack(q: np.ndarray, bits: int) -> np.ndarray:
@@ -30,7 +31,7 @@ def reference_pack(q: np.ndarray, bits: int) -> np.ndarray:
 
 
 @settings(max_examples=60, deadline=None)
-@given(bits=st.sampled_from(uintpack.BITS), rows=st.integers(0, 6), cols=st.integers(0, 70),
+@given(bits=st.sampled_from(KBIT_BITS), rows=st.integers(0, 6), cols=st.integers(0, 70),
        seed=st.integers(0, 2**31 - 1))
 def test_pack_round_trip_matches_spec(bits, rows, cols, seed):
     q = np.random.default_rng(seed).integers(0, 1 << bits, (rows, cols), dtype=np.uint8)

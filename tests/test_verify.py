@@ -17,13 +17,13 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 import qmoefmt
-import qmoefmt.store_reader as store_reader
-from qmoefmt import layout
-from qmoefmt.dict_qmoe import build_qmoe2023
-from qmoefmt.dictionary import Dictionary
+import qmoefmt.store.reader as store_reader
+from qmoefmt import format as fmt
+from qmoefmt.dictionaries.qmoe2023 import build_qmoe2023
+from qmoefmt.dictionaries.tables import Dictionary
 from qmoefmt.errors import QmoeError
 from qmoefmt.pack import PackOptions, pack
-from qmoefmt.verify import verify
+from qmoefmt.store.verify import verify
 from qmoefmt_cli.main import main as cli
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,7 +41,7 @@ def open_and_decode(path: Path) -> None:
     st = qmoefmt.open(path)
     for name in st:
         t = st[name]
-        if t.codec == layout.CODEC_DENSE:
+        if t.codec == fmt.CODEC_DENSE:
             t.numpy()
         else:
             t.symbols()
@@ -114,7 +114,7 @@ def test_empty_path_segment_is_refused(tmp_path):
     shutil.copytree(FIX / "edge.qmoe", dst)
     meta = json.loads((dst / "zarr.json").read_bytes())["attributes"]["qmoefmt"]
     next(r for r in meta["tensors"] if r["name"] == "edge.odd")["path"] = "tensors/"
-    (dst / "zarr.json").write_bytes(layout.root_doc(meta))
+    (dst / "zarr.json").write_bytes(fmt.root_doc(meta))
     with pytest.raises(QmoeError, match="bad path"):
         qmoefmt.open(dst)
 
@@ -248,8 +248,8 @@ def _resign(dst: Path, meta: dict, regroup: bool = True) -> None:
         for rec in meta.get("tensors", []):
             p = dst / rec["path"] / "zarr.json"
             if isinstance(rec.get("path"), str) and p.parent.is_dir():
-                p.write_bytes(layout.group_doc({"qmoefmt": rec}))
-    (dst / "zarr.json").write_bytes(layout.root_doc(meta))
+                p.write_bytes(fmt.group_doc({"qmoefmt": rec}))
+    (dst / "zarr.json").write_bytes(fmt.root_doc(meta))
 
 
 def _odd(meta):
@@ -326,7 +326,7 @@ def test_newer_minor_version_is_read(tmp_path):
     assert st.format_version == "1.99"
     want = qmoefmt.open(FIX / "edge.qmoe")
     for name in st:
-        if st[name].codec == layout.CODEC_TERNARY:
+        if st[name].codec == fmt.CODEC_TERNARY:
             assert np.array_equal(st[name].symbols(), want[name].symbols())
     assert verify(dst) == []
 
@@ -346,7 +346,7 @@ ODD = "<edge.odd>"     # placeholder for the index of edge.odd's record
 # type. The reader must answer with a FormatError, verify with a list of problems;
 # neither may raise anything else (the CLI would call that "a bug in qmoefmt").
 MALFORMED = {
-    # verify: layout.array_doc's int() raises ValueError before the shape is validated
+    # verify: fmt.array_doc's int() raises ValueError before the shape is validated
     "array-shape-string": (("tensors", ODD, "arrays", "scales", "shape", 0), "x"),
     # Store._index: `dtype not in STORED_DTYPE` raises TypeError (unhashable)
     "dtype-list": (("tensors", ODD, "dtype"), [1, 2]),
@@ -373,7 +373,7 @@ def test_malformed_index_values_are_format_errors(tmp_path, case):
     meta = json.loads((dst / "zarr.json").read_bytes())["attributes"]["qmoefmt"]
     i = next(i for i, r in enumerate(meta["tensors"]) if r["name"] == "edge.odd")
     _set(meta, tuple(i if k == ODD else k for k in path), value)
-    (dst / "zarr.json").write_bytes(layout.root_doc(meta))
+    (dst / "zarr.json").write_bytes(fmt.root_doc(meta))
     problems = verify(dst)                  # must not raise
     assert problems
     with pytest.raises(QmoeError):
@@ -407,7 +407,7 @@ def test_fuzzed_index_never_crashes(small_store, data):
                                        True, 2**70, {"a": 1}]))
     _set(meta, path, value)
     try:
-        (store / "zarr.json").write_bytes(layout.root_doc(meta))
+        (store / "zarr.json").write_bytes(fmt.root_doc(meta))
         try:
             verify(store, deep=True)
         except Exception as e:  # noqa: BLE001

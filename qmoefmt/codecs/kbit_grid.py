@@ -1,0 +1,63 @@
+"""The 2/3/4-bit grid both k-bit codecs store (spec §12): per group of `group_size`
+columns a bf16 scale and a uint8 zero point; value = scale * (level - zero)."""
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import FormatError
+from ..format import bf16
+from ..format import constants as C
+from .base import ArraySpec, Codec, TensorArrays, require_int
+
+
+def n_groups(cols: int, group_size: int) -> int:
+    return -(-cols // group_size)     # spec §12: 0 groups for 0 columns
+
+
+def dequantize(levels: np.ndarray, scales: np.ndarray, zeros: np.ndarray, group_size: int) -> np.ndarray:
+    """float32 scale[g] * (level - zero[g]) with g = column // group_size."""
+    cols = levels.shape[1]
+    g = np.arange(cols) // group_size
+    return (scales[:, g] * (levels.astype(np.float32) - zeros[:, g].astype(np.float32))).astype(np.float32)
+
+
+class KbitGrid(Codec):
+    bfloat16_arrays = ("scales",)
+
+    def params(self, t: TensorArrays) -> tuple[int, int]:
+        """(bits, groups), validated."""
+        bits = require_int(t.record, "bits", t.where, allowed=C.KBIT_BITS)
+        g = require_int(t.record, "group_size", t.where, minimum=1)
+        return bits, n_groups(t.rows_cols[1], g)
+
+    def grid_specs(self, t: TensorArrays) -> dict[str, ArraySpec]:
+        rows, _ = t.rows_cols
+        _, groups = self.params(t)
+        return {"scales": ArraySpec(("uint16",), (rows, groups)),
+                "zeros": ArraySpec(("uint8",), (rows, groups))}
+
+    def levels(self, t: TensorArrays, zeros: np.ndarray, check_crc: bool, backend) -> np.ndarray:
+        """uint8 [rows, cols] levels, validated against the zero points."""
+        raise NotImplementedError
+
+    def grid(self, t: TensorArrays, check_crc: bool = True, backend=None):
+        """(levels, scales float32, zeros), validated."""
+        bits, _ = self.params(t)
+        zeros = np.asarray(t.array("zeros", check_crc))
+        if zeros.size and int(zeros.max()) >= (1 << bits):
+            raise FormatError(f"{t.where}/zeros", f"zero point >= 2**{bits}")
+        levels = self.levels(t, zeros, check_crc, backend)
+        scales = bf16.to_float32(t.array("scales", check_crc))
+        if not np.isfinite(scales).all():
+            raise FormatError(f"{t.where}/scales", "scales must be finite")
+        return levels, scales, zeros
+
+    def symbols(self, t: TensorArrays, check_crc: bool = True, backend=None) -> np.ndarray:
+        return self.grid(t, check_crc, backend)[0]
+
+    def decode(self, t: TensorArrays, check_crc: bool = True, backend=None) -> np.ndarray:
+        levels, scales, zeros = self.grid(t, check_crc, backend)
+        return dequantize(levels, scales, zeros, t.record["group_size"])
+
+    def grid_arrays(self, scales_bits: np.ndarray, zeros: np.ndarray) -> dict:
+        return {"scales": (scales_bits, self.logical_dtype("scales", "")), "zeros": (zeros, None)}

@@ -1,0 +1,146 @@
+"""Codec `qmoe.uint-dict16` (spec §13): b-bit levels as a dictionary-coded ternary
+stream plus escapes.
+
+Low-bit experts put most levels on the zero point and nearly all the rest one step away
+(2-bit Switch-like experts: ~70% on it, ~29% at +-1, <1% further), so the sign of
+`level - zero` is a ternary stream with the statistics §5's dictionaries are built for,
+and the few levels two or more steps out are listed per row. This module maps levels to
+that pair and back; the ternary stream itself is §5's (`dictionaries.stream`).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..dictionaries.stream import decode_symbols, encode
+from ..errors import FormatError
+from ..format import constants as C
+from ..format.constants import index_dtype
+from .base import ArraySpec, TensorArrays
+from .coded_stream import DictionaryCoded
+from .kbit_grid import KbitGrid
+
+
+def _zero_points(zeros: np.ndarray, cols: int, group_size: int) -> np.ndarray:
+    return np.asarray(zeros)[:, np.arange(cols) // group_size].astype(np.int16)
+
+
+def steps(levels: np.ndarray, zeros: np.ndarray, group_size: int) -> np.ndarray:
+    """int16 `level - zero point` of every level."""
+    levels = np.asarray(levels, np.uint8)
+    return levels.astype(np.int16) - _zero_points(zeros, levels.shape[1], group_size)
+
+
+def split(levels: np.ndarray, zeros: np.ndarray, group_size: int, d: np.ndarray | None = None):
+    """levels uint8 [rows, cols] -> (ternary int8 [rows, cols], row_escapes, escape_cols,
+    escape_levels): symbol 1 where level < zero, 2 where level > zero, and every level two
+    or more steps from its zero point listed, row by row, columns increasing. `d` is
+    `steps(levels, zeros, group_size)` if the caller has it already."""
+    levels = np.asarray(levels, np.uint8)
+    rows, cols = levels.shape
+    d = steps(levels, zeros, group_size) if d is None else d
+    ternary = ((d < 0) * 1 + (d > 0) * 2).astype(np.int8)
+    far = np.abs(d) >= 2
+    dt = index_dtype(cols)
+    r, c = np.nonzero(far)
+    return (ternary, far.sum(axis=1).astype(dt), c.astype(dt), levels[r, c].astype(np.uint8))
+
+
+def merge(ternary: np.ndarray, zeros: np.ndarray, group_size: int, bits: int,
+          row_escapes: np.ndarray, escape_cols: np.ndarray, escape_levels: np.ndarray,
+          where: str = "tensor") -> np.ndarray:
+    """The levels (uint8 [rows, cols]) back, after checking every escape and level against
+    spec §13; any inconsistency is a FormatError naming `where`, never a wrong level."""
+    if bits not in C.KBIT_BITS:
+        raise FormatError(where, f"bits {bits!r} not one of {C.KBIT_BITS}")
+    rows, cols = ternary.shape
+    maxq = (1 << bits) - 1
+    counts = np.asarray(row_escapes, np.int64)
+    cols_e = np.asarray(escape_cols, np.int64)
+    lev_e = np.asarray(escape_levels, np.int16)
+    n = cols_e.shape[0]
+    if counts.shape != (rows,) or lev_e.shape != (n,):
+        raise FormatError(where, f"row_escapes {list(counts.shape)}, escape_cols [{n}] and "
+                                 f"escape_levels {list(lev_e.shape)} do not fit {rows} rows")
+    if rows and int(counts.max(initial=0)) > cols:
+        r = int(np.argmax(counts > cols))
+        raise FormatError(where, f"row {r}: {int(counts[r])} escapes in a row of {cols} columns")
+    if int(counts.sum()) != n:
+        raise FormatError(where, f"row_escapes sum to {int(counts.sum())} but escape_cols holds {n}")
+    row_of = np.repeat(np.arange(rows), counts)
+    if n:
+        if int(cols_e.max()) >= cols:
+            k = int(np.argmax(cols_e >= cols))
+            raise FormatError(where, f"row {int(row_of[k])}: escape column {int(cols_e[k])} >= {cols}")
+        same_row = row_of[1:] == row_of[:-1]
+        bad = same_row & (cols_e[1:] <= cols_e[:-1])
+        if bad.any():
+            k = int(np.argmax(bad)) + 1
+            raise FormatError(where, f"row {int(row_of[k])}: escape columns not strictly increasing")
+        if int(lev_e.max()) > maxq:
+            k = int(np.argmax(lev_e > maxq))
+            raise FormatError(where, f"row {int(row_of[k])}: escape level {int(lev_e[k])} >= 2**{bits}")
+    zp = _zero_points(zeros, cols, group_size)
+    t = np.asarray(ternary)
+    levels = zp + (t == 2).astype(np.int16) - (t == 1).astype(np.int16)
+    if n:
+        d = lev_e - zp[row_of, cols_e]
+        sym = t[row_of, cols_e]
+        bad = (np.abs(d) < 2) | ((d > 0) != (sym == 2)) | (sym == 0)
+        if bad.any():
+            k = int(np.argmax(bad))
+            raise FormatError(where, f"row {int(row_of[k])}, column {int(cols_e[k])}: escape level "
+                                     f"{int(lev_e[k])} with zero point {int(zp[row_of[k], cols_e[k]])} "
+                                     f"and ternary symbol {int(sym[k])} (must be >= 2 steps away, "
+                                     "on the symbol's side)")
+        levels[row_of, cols_e] = lev_e
+    out = (levels < 0) | (levels > maxq)
+    if out.any():
+        r, c = (int(i[0]) for i in np.nonzero(out))
+        raise FormatError(where, f"row {r}, column {c}: ternary symbol {int(t[r, c])} with zero "
+                                 f"point {int(zp[r, c])} gives a level outside 0..{maxq}")
+    return levels.astype(np.uint8)
+
+
+def coded_bytes(n_codes: int, rows: int, cols: int, n_escapes: int) -> int:
+    """Bytes of the arrays that replace `q` (codes, row_codes, row_escapes, escape_cols,
+    escape_levels): what pack weighs against uint-packed's `q`."""
+    it = index_dtype(cols).itemsize
+    return 2 * n_codes + 2 * it * rows + (it + 1) * n_escapes
+
+
+class UintDict16(KbitGrid, DictionaryCoded):
+    id = C.CODEC_UINT_DICT
+    since = "1.2"
+    arrays = ("codes", "row_codes", "row_escapes", "escape_cols", "escape_levels",
+              "scales", "zeros")
+
+    def array_specs(self, t: TensorArrays) -> dict[str, ArraySpec]:
+        rows, cols = t.rows_cols
+        idx = str(index_dtype(cols).newbyteorder("="))
+        return {**self.stream_specs(t), "row_escapes": ArraySpec((idx,), (rows,)),
+                "escape_cols": ArraySpec((idx,)), "escape_levels": ArraySpec(("uint8",)),
+                **self.grid_specs(t)}
+
+    def levels(self, t: TensorArrays, zeros: np.ndarray, check_crc: bool, backend) -> np.ndarray:
+        bits, _ = self.params(t)
+        codes, rc, d = self.coded(t, check_crc)
+        ternary = decode_symbols(codes, rc, t.rows_cols[1], d, t.where, backend=backend)
+        return merge(ternary, zeros, t.record["group_size"], bits,
+                     *(t.array(a, check_crc) for a in ("row_escapes", "escape_cols",
+                                                       "escape_levels")), t.where)
+
+    def ternary_stream(self, t: TensorArrays, symbols: np.ndarray) -> np.ndarray:
+        # symbols() checked every escape against the stream; the stream is the signs
+        zeros = np.asarray(t.array("zeros", check_crc=False))
+        return split(symbols, zeros, t.record["group_size"])[0]
+
+    def encode(self, parts, counts, d, scales_bits: np.ndarray,
+               zeros: np.ndarray) -> tuple[dict, dict]:
+        """`split()`'s (ternary, row_escapes, escape_cols, escape_levels), the ternary
+        symbol counts, a dictionary -> (record members but the dictionary's id, arrays)."""
+        ternary, row_escapes, escape_cols, escape_levels = parts
+        codes, row_codes = encode(ternary, d)
+        return ({"codec": self.id, "symbol_counts": [int(c) for c in counts]},
+                {"codes": (codes, None), "row_codes": (row_codes, None),
+                 "row_escapes": (row_escapes, None), "escape_cols": (escape_cols, None),
+                 "escape_levels": (escape_levels, None), **self.grid_arrays(scales_bits, zeros)})

@@ -1,0 +1,64 @@
+"""The `qmoe-2023` dictionary: exactly QMoE's (Frantar & Alistarh 2023), so that our
+codeword stream for a matrix equals theirs (spec §5.3).
+
+The 2^16 most probable sequences of 1..14 ternary *pairs* under P(0) = 0.885,
+P(lo) = P(hi) = 0.0575, popped from a max-priority queue keyed by (-p, pair list) with p a
+float64 product taken left to right; the pop order is the codeword. Ties between equally
+probable sequences are broken by that float rounding and then by the lists' order, so
+both are reproduced literally. A pair r holds the symbols (r % 3, r // 3).
+"""
+from __future__ import annotations
+
+import heapq
+from functools import lru_cache
+
+import numpy as np
+
+from .tables import CODEWORDS, Dictionary, tables_from_entries
+
+P_ZERO = 0.885
+MAX_PAIRS = 14
+TRIE_ROOT = CODEWORDS
+
+
+def _pair_probs() -> list[float]:
+    sym = [P_ZERO, (1 - P_ZERO) / 2, (1 - P_ZERO) / 2]
+    return [(1.0 * sym[i]) * sym[j] for i in range(3) for j in range(3)]
+
+
+def qmoe_sequences() -> list[list[int]]:
+    probs = _pair_probs()
+    res: list[list[int]] = []
+    pq: list[tuple[float, list[int]]] = [(-1.0, [])]
+    while len(res) < CODEWORDS:
+        p, seq = heapq.heappop(pq)
+        if p != -1.0:
+            res.append(seq)
+        if len(seq) == MAX_PAIRS:
+            continue
+        for i, q in enumerate(probs):
+            heapq.heappush(pq, (p * q, seq + [i]))
+    return res
+
+
+@lru_cache(maxsize=1)
+def build_qmoe2023() -> Dictionary:
+    seqs = qmoe_sequences()
+    entries = []
+    index = {}
+    trie = np.full((CODEWORDS + 1, 9), -1, np.int32)
+    for code, seq in enumerate(seqs):
+        nz = []
+        for n, r in enumerate(seq):
+            for half, t in enumerate((r % 3, r // 3)):
+                if t:
+                    nz.append((2 * n + half, t))
+        entries.append((2 * len(seq), 0, nz))
+        index[tuple(seq)] = code
+        parent = TRIE_ROOT if len(seq) == 1 else index[tuple(seq[:-1])]
+        trie[parent, seq[-1]] = code
+    d = Dictionary(kind="qmoe-2023",
+                   params={"p_zero": P_ZERO, "max_pairs": MAX_PAIRS},
+                   **tables_from_entries(1, [entries]))
+    d.encoder = trie
+    return d

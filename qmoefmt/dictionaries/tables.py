@@ -1,0 +1,165 @@
+"""Dictionaries of the `qmoe.ternary-dict16` codec, as the spec stores them (spec §5).
+
+A dictionary maps a 16-bit codeword, read in a decoder *state*, to a run of ternary
+symbols. Readers only ever need the expansion tables below; how a dictionary was built
+(QMoE's 2023 construction, or our Golomb-binarised parse trees) matters to encoders only.
+
+Each entry is stored as its length and the list of its nonzero symbols, not as a symbol
+string: entries are long (up to hundreds of zeros) but carry at most a handful of
+nonzeros, which is also the form a decode-matmul kernel wants.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..errors import FormatError
+from ..format.constants import CODEWORDS, MAX_NNZ, MAX_STATES
+
+# (array name, dtype, shape rule) in the order the content id hashes them.
+TABLES = (
+    ("length", np.dtype("<u2")),
+    ("next_state", np.dtype("u1")),
+    ("nnz", np.dtype("u1")),
+    ("nz_pos", np.dtype("<u2")),
+    ("nz_sym", np.dtype("u1")),
+)
+
+
+@dataclass
+class Dictionary:
+    kind: str                      # "qmoe-2023" | "golomb-v2f"
+    params: dict                   # construction parameters, informative
+    length: np.ndarray             # uint16 [S, 65536], symbols an entry expands to (>= 1)
+    next_state: np.ndarray         # uint8  [S, 65536], state the next codeword is read in
+    nnz: np.ndarray                # uint8  [S, 65536], nonzero symbols in the entry
+    nz_pos: np.ndarray             # uint16 [S, 65536, K], their offsets in the entry
+    nz_sym: np.ndarray             # uint8  [S, 65536, K], their symbols (1 = lo, 2 = hi)
+    encoder: object = field(default=None, repr=False, compare=False)
+    _runtime: object = field(default=None, repr=False, compare=False)
+    _content_id: str | None = field(default=None, repr=False, compare=False)
+    _chain: object = field(default=None, repr=False, compare=False)
+
+    @property
+    def n_states(self) -> int:
+        return int(self.length.shape[0])
+
+    @property
+    def max_nnz(self) -> int:
+        return int(self.nz_pos.shape[2])
+
+    def runtime_records(self) -> tuple[np.ndarray, int, int, int, int]:
+        """Bit-packed copies of the entries for the decoders, never stored: each entry is
+        uint64 words [length | nnz << LB | slot 0 | slot 1 ...], a slot being offset |
+        hi-bit << LB (LB bits for offsets, so LB + 1 a slot), slots never straddling a
+        word. Every ladder dictionary fits one word a codeword: golomb-v2f codewords are
+        used near-uniformly, so the whole table is hot, and at 8 bytes an entry it stays
+        in L2 where 16-byte records did not (2-3x faster decoding).
+        -> (words [S * 65536, nw], LB, KB, slots in word 0, slots in each later word)."""
+        if self._runtime is None:
+            s, c, k = self.nz_pos.shape
+            lb = max(1, int(self.length.max()).bit_length())
+            kb = max(1, int(k).bit_length())
+            w = lb + 1
+            s0, sp = (64 - lb - kb) // w, 64 // w
+            nw = 1 + -(-max(0, k - s0) // sp)
+            rec = np.zeros((s * c, nw), np.uint64)
+            u = np.uint64
+            rec[:, 0] = self.length.astype(u).reshape(-1) | (self.nnz.astype(u).reshape(-1) << u(lb))
+            for i in range(k):
+                slot = (self.nz_pos[:, :, i].astype(u)
+                        | ((self.nz_sym[:, :, i] == 2).astype(u) << u(lb))).reshape(-1)
+                word, at = (0, lb + kb + i * w) if i < s0 else (1 + (i - s0) // sp, ((i - s0) % sp) * w)
+                rec[:, word] |= slot << u(at)
+            self._runtime = (rec, lb, kb, s0, sp)
+        return self._runtime
+
+    def runtime_chain(self) -> np.ndarray:
+        """uint32 next_state | length << 8 per (state, codeword): what the decoder needs to
+        find the next codeword's state and position, in a table a quarter of the records'
+        size."""
+        if self._chain is None:
+            self._chain = (self.next_state.astype(np.uint32)
+                           | self.length.astype(np.uint32) << 8).reshape(-1)
+        return self._chain
+
+    def tables(self) -> dict[str, np.ndarray]:
+        return {name: getattr(self, name) for name, _ in TABLES}
+
+    @property
+    def content_id(self) -> str:
+        """sha256 over the five tables' little-endian bytes, in spec order (computed once:
+        tables are not modified after construction)."""
+        if self._content_id is None:
+            h = hashlib.sha256()
+            for name, dt in TABLES:
+                h.update(np.ascontiguousarray(getattr(self, name), dtype=dt).tobytes())
+            self._content_id = "sha256:" + h.hexdigest()
+        return self._content_id
+
+    def validate(self, where: str = "dictionary") -> None:
+        validate_tables(self.tables(), where)
+
+
+def validate_tables(t: dict[str, np.ndarray], where: str) -> None:
+    """Everything a decoder indexes with must be in range before it runs (Numba does not
+    bounds-check). Raises FormatError naming the table and the first bad entry."""
+    for name, dt in TABLES:
+        a = t.get(name)
+        if a is None:
+            raise FormatError(where, f"missing table {name!r}")
+        if a.dtype != dt.newbyteorder("=") and a.dtype != dt:
+            raise FormatError(where, f"table {name!r} has dtype {a.dtype}, expected {dt}")
+    length, nxt, nnz, pos, sym = (t[n] for n, _ in TABLES)
+    if length.ndim != 2 or length.shape[1] != CODEWORDS:
+        raise FormatError(where, f"table 'length' has shape {length.shape}, expected [S, {CODEWORDS}]")
+    s = length.shape[0]
+    if not 1 <= s <= MAX_STATES:
+        raise FormatError(where, f"{s} states, limit is 1..{MAX_STATES}")
+    for name, a in (("next_state", nxt), ("nnz", nnz)):
+        if a.shape != length.shape:
+            raise FormatError(where, f"table {name!r} has shape {a.shape}, expected {length.shape}")
+    if pos.ndim != 3 or pos.shape[:2] != length.shape or sym.shape != pos.shape:
+        raise FormatError(where, f"tables 'nz_pos'/'nz_sym' have shapes {pos.shape}/{sym.shape}, "
+                                 f"expected [{s}, {CODEWORDS}, K]")
+    k = pos.shape[2]
+    if not 1 <= k <= MAX_NNZ:
+        raise FormatError(where, f"K = {k} nonzeros per entry, limit is 1..{MAX_NNZ}")
+
+    def first_bad(mask, what):
+        if mask.any():
+            st, cw = np.argwhere(mask)[0][:2]
+            raise FormatError(where, f"state {st} codeword {cw}: {what}")
+
+    first_bad(length == 0, "length is 0")
+    first_bad(nxt >= s, f"next_state >= {s} states")
+    first_bad(nnz > k, f"nnz > K = {k}")
+    slot = np.arange(k, dtype=np.int64)[None, None, :]
+    used = slot < nnz[:, :, None].astype(np.int64)
+    first_bad((used & (pos >= length[:, :, None])).any(axis=2), "nonzero offset >= length")
+    first_bad((used & ((sym < 1) | (sym > 2))).any(axis=2), "nonzero symbol not 1 or 2")
+    first_bad((~used & ((pos != 0) | (sym != 0))).any(axis=2), "padding slot not zero")
+    inc = (pos[:, :, 1:].astype(np.int64) <= pos[:, :, :-1]) & used[:, :, 1:]
+    first_bad(inc.any(axis=2), "nonzero offsets not strictly increasing")
+
+
+def tables_from_entries(n_states: int, entries) -> dict[str, np.ndarray]:
+    """Builds the five tables from entries[state][codeword] = (length, next_state, nz)
+    where nz is a sequence of (offset, symbol)."""
+    k = max(1, max(len(e[2]) for per_state in entries for e in per_state))
+    length = np.zeros((n_states, CODEWORDS), np.uint16)
+    nxt = np.zeros((n_states, CODEWORDS), np.uint8)
+    nnz = np.zeros((n_states, CODEWORDS), np.uint8)
+    pos = np.zeros((n_states, CODEWORDS, k), np.uint16)
+    sym = np.zeros((n_states, CODEWORDS, k), np.uint8)
+    for s in range(n_states):
+        for c, (ln, ns, nz) in enumerate(entries[s]):
+            length[s, c] = ln
+            nxt[s, c] = ns
+            nnz[s, c] = len(nz)
+            for i, (p, y) in enumerate(nz):
+                pos[s, c, i] = p
+                sym[s, c, i] = y
+    return dict(length=length, next_state=nxt, nnz=nnz, nz_pos=pos, nz_sym=sym)

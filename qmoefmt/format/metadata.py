@@ -1,0 +1,117 @@
+"""The exact bytes of every zarr.json a writer produces (spec §4), and node paths.
+
+Every zarr.json below the root is a pure function of the root index, so `verify` can
+regenerate it and compare bytes; the root carries a CRC of itself (spec §4.4).
+"""
+from __future__ import annotations
+
+import json
+import re
+
+import crc32c as _crc32c
+import numpy as np
+
+from .constants import CHECKSUM_PLACEHOLDER, DICTIONARIES, TENSORS
+
+
+def crc32c(data) -> int:
+    return _crc32c.crc32c(data)
+
+
+def dumps(obj) -> bytes:
+    """Canonical JSON (spec §4.1): sorted keys, no insignificant whitespace, ASCII only,
+    one trailing newline."""
+    return (json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True,
+                       allow_nan=False) + "\n").encode("ascii")
+
+
+def np_dtype(data_type: str) -> np.dtype:
+    return np.dtype(data_type).newbyteorder("<") if data_type != "bool" else np.dtype(bool)
+
+
+def chunk_shape(shape) -> list[int]:
+    return [max(int(n), 1) for n in shape]
+
+
+def chunk_key(shape) -> str:
+    """The single chunk's key, in the default chunk key encoding with "/"; an array with a
+    zero-length dimension has no chunk at all (spec §4.2)."""
+    return "/".join(["c"] + ["0"] * len(shape))
+
+
+def has_chunk(shape) -> bool:
+    return all(int(n) > 0 for n in shape)
+
+
+def array_doc(data_type: str, shape, logical_dtype: str | None = None) -> bytes:
+    attrs = {"qmoefmt": {"logical_dtype": logical_dtype}} if logical_dtype else {}
+    return dumps({
+        "zarr_format": 3,
+        "node_type": "array",
+        "shape": [int(n) for n in shape],
+        "data_type": data_type,
+        "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": chunk_shape(shape)}},
+        "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}},
+        "codecs": [{"name": "bytes", "configuration": {"endian": "little"}}],
+        "fill_value": False if data_type == "bool" else 0,
+        "attributes": attrs,
+    })
+
+
+def group_doc(attributes: dict | None = None) -> bytes:
+    return dumps({"zarr_format": 3, "node_type": "group", "attributes": attributes or {}})
+
+
+def node_doc(record: dict) -> bytes:
+    """A tensor's or dictionary's group zarr.json: its index record, verbatim."""
+    return group_doc({"qmoefmt": record})
+
+
+def root_doc(meta: dict) -> bytes:
+    """The root group's zarr.json with its self-checksum filled in (spec §4.4)."""
+    meta = dict(meta, checksum=CHECKSUM_PLACEHOLDER)
+    raw = group_doc({"qmoefmt": meta})
+    crc = f"{crc32c(raw):08x}"
+    return _replace_checksum(raw, crc)
+
+
+_CHECKSUM_RE = re.compile(rb'"checksum":"([0-9a-f]{8})"')
+
+
+def _replace_checksum(raw: bytes, value: str) -> bytes:
+    m = _CHECKSUM_RE.search(raw)
+    return raw[:m.start(1)] + value.encode("ascii") + raw[m.end(1):]
+
+
+def root_checksum_ok(raw: bytes) -> bool | None:
+    """True/False whether the root's self-checksum matches; None if it has none."""
+    matches = list(_CHECKSUM_RE.finditer(raw))
+    if len(matches) != 1:
+        return None
+    stored = matches[0].group(1).decode()
+    return f"{crc32c(_replace_checksum(raw, CHECKSUM_PLACEHOLDER)):08x}" == stored
+
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+
+
+def tensor_paths(names) -> list[str]:
+    """Node paths for tensor names, in order: unsafe characters become '_', and a clash
+    (compared case-insensitively, for case-insensitive file systems) gets '-N'. Readers
+    take paths from the index, never from this rule (spec §4.3)."""
+    used: set[str] = set()
+    out = []
+    for name in names:
+        base = _UNSAFE.sub("_", name)[:180] or "_"
+        if base.startswith("__") or set(base) == {"."}:
+            base = "t" + base
+        path, n = base, 1
+        while path.lower() in used:
+            path, n = f"{base}-{n}", n + 1
+        used.add(path.lower())
+        out.append(f"{TENSORS}/{path}")
+    return out
+
+
+def dictionary_path(content_id: str) -> str:
+    return f"{DICTIONARIES}/{content_id.replace(':', '-')}"

@@ -1,0 +1,1 @@
+"""Checkpoints in (safetensors, .pt/.bin, HDF5), safetensors out."""

@@ -1,0 +1,157 @@
+"""The store's files (spec §4, §9): metadata documents read within limits, and array
+chunks checked against their index descriptor and memory-mapped. Knows keys and files,
+never codecs.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import FormatError, LimitError, VersionError
+from ..format import constants as C
+from ..format import metadata as M
+from ..format.constants import MAX_ELEMENTS, MAX_NODE_METADATA, MAX_RANK, MAX_ROOT_METADATA
+
+
+def read_metadata(path: Path, limit: int, missing: str = "missing") -> bytes:
+    """A metadata file's bytes, its size checked against `limit` before it is read."""
+    try:
+        size = path.stat().st_size
+    except OSError:
+        raise FormatError(str(path), missing) from None
+    if size > limit:
+        raise LimitError(str(path), f"{size} bytes of metadata, limit is {limit}")
+    return path.read_bytes()
+
+
+def load_json(path: Path, limit: int = MAX_NODE_METADATA):
+    raw = read_metadata(path, limit)
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise FormatError(str(path), f"not valid JSON ({e})") from None
+
+
+def read_root(root: Path) -> dict:
+    """The root's qmoefmt attributes, with checksum and version checked."""
+    path = root / C.ROOT_META
+    if not root.is_dir():
+        raise FormatError(str(root), "not a directory (a store is a directory)")
+    raw = read_metadata(path, MAX_ROOT_METADATA, "missing: not a qmoefmt store")
+    ok = M.root_checksum_ok(raw)
+    if ok is None:
+        raise FormatError(str(path), "no qmoefmt checksum field")
+    if not ok:
+        raise FormatError(str(path), "checksum mismatch: the root metadata was modified or damaged")
+    try:
+        doc = json.loads(raw)
+        meta = doc["attributes"]["qmoefmt"]
+    except (ValueError, KeyError, TypeError):
+        raise FormatError(str(path), "not a qmoefmt root group") from None
+    if not isinstance(meta, dict):
+        raise FormatError(str(path), "attributes.qmoefmt is not an object")
+    check_version(meta.get("format_version"), str(path))
+    return meta
+
+
+def check_version(version, where: str) -> None:
+    if not isinstance(version, str):
+        raise FormatError(where, f"format_version {version!r} is not a string")
+    try:
+        major, minor = (int(x) for x in str(version).split("."))
+    except ValueError:
+        raise FormatError(where, f"format_version {version!r} is not MAJOR.MINOR") from None
+    if major != C.FORMAT_MAJOR:
+        raise VersionError(where, f"format_version {version} has major {major}; this reader "
+                                  f"reads major {C.FORMAT_MAJOR} only")
+
+
+def check_shape(value, where: str, field: str) -> tuple[int, ...]:
+    if not isinstance(value, list) or not all(isinstance(n, int) and not isinstance(n, bool)
+                                              for n in value):
+        raise FormatError(where, f"{field} is not a list of integers")
+    if len(value) > MAX_RANK:
+        raise LimitError(where, f"{field} has rank {len(value)}, limit is {MAX_RANK}")
+    if any(n < 0 for n in value):
+        raise FormatError(where, f"{field} has a negative dimension")
+    if math.prod(value) > MAX_ELEMENTS or any(n > MAX_ELEMENTS for n in value):
+        raise LimitError(where, f"{field} {value} exceeds {MAX_ELEMENTS} elements")
+    return tuple(value)
+
+
+def check_node_path(path, group: str, where: str) -> None:
+    """`<group>/<one segment>`, the segment not empty, '.' or '..' (spec §4.3)."""
+    ok = isinstance(path, str) and path.startswith(group + "/")
+    seg = path[len(group) + 1:] if ok else ""
+    if not ok or not seg or "/" in seg or seg in (".", "..") or "\\" in seg:
+        raise FormatError(where, f"bad path {path!r}")
+
+
+def check_arrays_index(arrays, where: str) -> None:
+    if not isinstance(arrays, dict) or not arrays:
+        raise FormatError(where, "arrays missing")
+    for name, desc in arrays.items():
+        if not isinstance(name, str) or not name or "/" in name or name in (".", ".."):
+            raise FormatError(where, f"bad array name {name!r}")
+        if (not isinstance(desc, dict) or not isinstance(desc.get("data_type"), str)
+                or not isinstance(desc.get("crc32c"), int) or isinstance(desc.get("crc32c"), bool)):
+            raise FormatError(where, f"array {name!r}: malformed descriptor")
+        check_shape(desc.get("shape"), f"{where}: array {name!r}", "shape")
+
+
+def check_array_file(root: Path, node: str, desc: dict, check_crc: bool = True,
+                     data_type: str | None = None, shape=None) -> np.ndarray:
+    """Validate one array's descriptor and chunk file; return it memory-mapped."""
+    where = f"{root}/{node}"
+    if not isinstance(desc, dict):
+        raise FormatError(where, "array descriptor is not an object")
+    dt = desc.get("data_type")
+    if data_type is not None and dt not in (data_type if isinstance(data_type, tuple) else (data_type,)):
+        raise FormatError(where, f"data_type {dt!r}, expected {data_type}")
+    if dt not in C.STORED_DTYPE.values():
+        raise FormatError(where, f"unsupported data_type {dt!r}")
+    shp = check_shape(desc.get("shape"), where, "shape")
+    if shape is not None and shp != tuple(shape):
+        raise FormatError(where, f"shape {list(shp)}, expected {list(shape)}")
+    crc = desc.get("crc32c")
+    if not isinstance(crc, int):
+        raise FormatError(where, "crc32c missing")
+    npdt = M.np_dtype(dt)
+    if not M.has_chunk(shp):
+        if crc != M.crc32c(b""):
+            raise FormatError(where, "crc32c mismatch")
+        return np.zeros(shp, npdt)
+    chunk = root / node / M.chunk_key(shp)
+    nbytes = math.prod(shp) * npdt.itemsize
+    try:
+        size = chunk.stat().st_size
+    except OSError:
+        raise FormatError(str(chunk), "chunk file missing") from None
+    if not chunk.is_file():
+        raise FormatError(str(chunk), "chunk is not a file")
+    if size != nbytes:
+        raise FormatError(str(chunk), f"{size} bytes, expected {nbytes} for shape {list(shp)} {dt}")
+    if shp == ():
+        arr = np.fromfile(chunk, dtype=npdt, count=1).reshape(())
+    else:
+        arr = np.memmap(chunk, dtype=npdt, mode="r", shape=shp)
+    if check_crc and M.crc32c(memoryview(arr.reshape(-1).view(np.uint8))) != crc:
+        raise FormatError(str(chunk), "crc32c mismatch: the data was modified or damaged")
+    return arr
+
+
+
+
+def file_size(p: Path) -> int:
+    try:
+        return p.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def tree_size(root: Path) -> int:
+    """Bytes of every file under `root`."""
+    return sum(p.stat().st_size for p in Path(root).rglob("*") if p.is_file())

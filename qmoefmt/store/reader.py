@@ -1,0 +1,262 @@
+"""Reading stores (spec §3, §4, §9): `qmoefmt.open(path)`.
+
+Opening reads one file, the root zarr.json, whose index describes every tensor; arrays
+are memory-mapped from their single chunk file on first use. Every declared size is
+checked against the limits and against the file before anything is allocated or a
+decoder runs. What a tensor's arrays mean is its codec unit's (`qmoefmt.codecs`).
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from .. import codecs
+from ..dictionaries.tables import CODEWORDS, TABLES, Dictionary, validate_tables
+from ..errors import FormatError, IncompleteStoreError, LimitError, NotApplicableError
+from ..format import constants as C
+from ..format import metadata as M
+from ..format.constants import MAX_DICTIONARIES, MAX_NAME_BYTES, MAX_TENSORS
+from .files import (check_array_file, check_arrays_index, check_node_path, check_shape,
+                    file_size, load_json, read_root)
+
+
+class Tensor:
+    """One stored tensor. `decode()` gives float32 weights (dequantized for coded
+    tensors), `symbols()` the ternary symbols (0 = zero, 1 = lo, 2 = hi) or k-bit levels."""
+
+    def __init__(self, store: "Store", record: dict, codec: codecs.Codec):
+        self._store = store
+        self._codec = codec
+        self.record = record
+        self.name: str = record["name"]
+        self.path: str = record["path"]
+        self.codec: str = record["codec"]
+        self.dtype: str = record["dtype"]
+        self.shape: tuple[int, ...] = tuple(record["shape"])
+        self.where = f"{store.path}/{self.path}"
+
+    def __repr__(self) -> str:
+        return f"<Tensor {self.name} {list(self.shape)} {self.dtype} {self.codec}>"
+
+    @property
+    def unit(self) -> codecs.Codec:
+        """The codec unit that gives this tensor's arrays their meaning."""
+        return self._codec
+
+    @property
+    def rows_cols(self) -> tuple[int, int]:
+        cols = self.shape[-1] if self.shape else 1
+        return (math.prod(self.shape[:-1]) if self.shape else 1), cols
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of every array of this tensor, metadata files included."""
+        root = self._store.path / self.path
+        total = file_size(root / "zarr.json")
+        for name, desc in self.record["arrays"].items():
+            total += file_size(root / name / "zarr.json")
+            if M.has_chunk(desc["shape"]):
+                total += file_size(root / name / M.chunk_key(desc["shape"]))
+        return total
+
+    @property
+    def dictionary(self) -> str | None:
+        """The content id of the dictionary its codewords are read through, if any."""
+        return self.record.get("dictionary")
+
+    def load_dictionary(self) -> Dictionary:
+        """That dictionary, validated (loaded once per store)."""
+        return self._store.dictionary(self.dictionary, self.name)
+
+    def array(self, name: str, check_crc: bool = True) -> np.ndarray:
+        """One array, validated against its codec's rules and its descriptor, mapped."""
+        if name not in self.record["arrays"]:
+            raise FormatError(self.where, f"array {name!r} missing from the index")
+        spec = self._codec.array_specs(self).get(name)
+        if spec is None:
+            raise FormatError(self.where, f"array {name!r} does not belong to codec {self.codec}")
+        arr = check_array_file(self._store.path, f"{self.path}/{name}", self.record["arrays"][name],
+                               check_crc, spec.data_types, spec.shape)
+        rows, cols = self.rows_cols
+        if spec.shape is None and (arr.ndim != 1 or arr.shape[0] > rows * cols):
+            raise FormatError(f"{self.where}/{name}",
+                              f"shape {list(arr.shape)} for {rows}x{cols} weights")
+        return arr
+
+    def symbols(self, check_crc: bool = True, backend: str | None = None) -> np.ndarray:
+        """Ternary symbols (0, 1 = lo, 2 = hi) as int8, or the b-bit levels (uint8) of a
+        k-bit tensor."""
+        return self._codec.symbols(self, check_crc, backend).reshape(self.shape)
+
+    def scales(self, check_crc: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """(lo, hi) per row of a ternary tensor."""
+        if not hasattr(self._codec, "scales"):
+            raise NotApplicableError(f"{self.name} is stored {self.codec}, it has no ternary scales")
+        return self._codec.scales(self, check_crc)
+
+    def numpy(self, check_crc: bool = True) -> np.ndarray:
+        """A dense tensor in its original dtype (bfloat16 as ml_dtypes.bfloat16)."""
+        if not hasattr(self._codec, "native"):
+            raise NotApplicableError(f"{self.name} is stored {self.codec}; use decode()")
+        return self._codec.native(self, check_crc)
+
+    def decode(self, check_crc: bool = True, backend: str | None = None) -> np.ndarray:
+        """float32 weights of the tensor's shape, dequantized; `backend` names the decode
+        backend (`qmoefmt.backends`; None: Numba on the CPU)."""
+        return self._codec.decode(self, check_crc, backend).reshape(self.shape)
+
+
+class Store:
+    """A read-only store. Iterate for tensor names; `store[name]` is a `Tensor`."""
+
+    def __init__(self, path, allow_incomplete: bool = False):
+        self.path = Path(path)
+        self.meta = read_root(self.path)
+        self.format_version: str = self.meta["format_version"]
+        self.complete: bool = self.meta.get("complete") is True
+        if not self.complete:
+            if not allow_incomplete:
+                raise IncompleteStoreError(
+                    f"{self.path}: store is incomplete (its pack did not finish); "
+                    "finish it with `qmoefmt pack --resume`")
+            records = self._scan_finished()
+        else:
+            records = self.meta.get("tensors")
+        self._records = self._index(records)
+        dicts = self.meta.get("dictionaries", [])
+        where = str(self.path / C.ROOT_META)
+        if not isinstance(dicts, list):
+            raise FormatError(where, "dictionaries is not a list")
+        if len(dicts) > MAX_DICTIONARIES:
+            raise LimitError(where, f"{len(dicts)} dictionaries, limit is {MAX_DICTIONARIES}")
+        self._dict_entries = {}
+        for i, e in enumerate(dicts):
+            dw = f"{where}: dictionaries[{i}]"
+            if not isinstance(e, dict) or not isinstance(e.get("id"), str):
+                raise FormatError(dw, "not a dictionary entry with a string id")
+            check_node_path(e.get("path"), C.DICTIONARIES, dw)
+            check_arrays_index(e.get("arrays"), dw)
+            if not isinstance(e.get("params", {}), dict) or not isinstance(e.get("kind", ""), str):
+                raise FormatError(dw, "kind/params malformed")
+            self._dict_entries[e["id"]] = e
+        self._dicts: dict[str, Dictionary] = {}
+
+    def _scan_finished(self) -> list[dict]:
+        """An incomplete store's finished tensors: those whose group metadata exists."""
+        out = []
+        tdir = self.path / C.TENSORS
+        for doc in sorted(tdir.glob("*/zarr.json")) if tdir.is_dir() else []:
+            try:
+                out.append(load_json(doc)["attributes"]["qmoefmt"])
+            except (FormatError, KeyError, TypeError):
+                continue
+        dict_docs = sorted((self.path / C.DICTIONARIES).glob("*/zarr.json"))
+        self.meta = dict(self.meta, dictionaries=[
+            load_json(p)["attributes"]["qmoefmt"] for p in dict_docs])
+        return out
+
+    def _index(self, records) -> dict[str, dict]:
+        """Type-checks every record before anything uses it: a checksummed root can still
+        come from a buggy or hostile writer."""
+        where = str(self.path / C.ROOT_META)
+        if not isinstance(records, list):
+            raise FormatError(where, "tensors is not a list")
+        if len(records) > MAX_TENSORS:
+            raise LimitError(where, f"{len(records)} tensors, limit is {MAX_TENSORS}")
+        out: dict[str, dict] = {}
+        for i, r in enumerate(records):
+            if not isinstance(r, dict) or not isinstance(r.get("name"), str):
+                raise FormatError(where, f"tensors[{i}]: not a tensor record")
+            name = r["name"]
+            if len(name.encode()) > MAX_NAME_BYTES:
+                raise LimitError(where, f"tensors[{i}]: name longer than {MAX_NAME_BYTES} bytes")
+            tw = f"{where}: tensor {name!r}"
+            check_node_path(r.get("path"), C.TENSORS, tw)
+            check_shape(r.get("shape"), tw, "shape")
+            for key in ("codec", "dtype"):
+                if not isinstance(r.get(key), str):
+                    raise FormatError(tw, f"{key} is not a string")
+            if r["dtype"] not in C.STORED_DTYPE:
+                raise FormatError(tw, f"unknown dtype {r['dtype']!r}")
+            check_arrays_index(r.get("arrays"), tw)
+            if "dictionary" in r and not isinstance(r["dictionary"], str):
+                raise FormatError(tw, "dictionary is not a string")
+            counts = r.get("symbol_counts")
+            if counts is not None and not (isinstance(counts, list) and len(counts) == 3 and all(
+                    isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts)):
+                raise FormatError(tw, "symbol_counts is not 3 non-negative integers")
+            if codecs.get(r["codec"]) is None:
+                # namespaced codec ids: a newer minor may add codecs; only that tensor is unreadable
+                r = dict(r, unknown_codec=True)
+            if name in out:
+                raise FormatError(where, f"tensor {name!r} listed twice")
+            out[name] = r
+        return out
+
+    def __iter__(self):
+        return iter(self._records)
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def __contains__(self, name) -> bool:
+        return name in self._records
+
+    def names(self) -> list[str]:
+        return list(self._records)
+
+    def record(self, name: str) -> dict:
+        """A tensor's index record as validated (an unknown codec is flagged
+        `unknown_codec`), for tools that check records without decoding."""
+        return self._records[name]
+
+    @property
+    def dictionary_entries(self) -> dict[str, dict]:
+        """The index's dictionary entries by content id."""
+        return self._dict_entries
+
+    def __getitem__(self, name: str) -> Tensor:
+        r = self._records[name]
+        if r.get("unknown_codec"):
+            raise FormatError(f"{self.path}/{r['path']}",
+                              f"codec {r.get('codec')!r} is unknown to this reader "
+                              f"(format {C.FORMAT_VERSION})")
+        return Tensor(self, r, codecs.get(r["codec"]))
+
+    def tensors(self):
+        for name in self._records:
+            yield self[name]
+
+    def dictionary(self, cid: str | None, tensor: str = "") -> Dictionary:
+        if cid in self._dicts:
+            return self._dicts[cid]
+        entry = self._dict_entries.get(cid)
+        if entry is None:
+            raise FormatError(str(self.path / C.ROOT_META),
+                              f"tensor {tensor!r} references unknown dictionary {cid!r}")
+        node = entry.get("path")
+        where = f"{self.path}/{node}"
+        if node != M.dictionary_path(str(cid)):
+            raise FormatError(where, f"dictionary {cid!r} has path {node!r}")
+        arrays = entry.get("arrays")
+        tables = {}
+        for name, np_dt in TABLES:
+            dt = str(np_dt.newbyteorder("="))
+            if not isinstance(arrays, dict) or name not in arrays:
+                raise FormatError(where, f"array {name!r} missing from the index")
+            arr = check_array_file(self.path, f"{node}/{name}", arrays[name], True, dt)
+            if arr.size > MAX_DICTIONARIES * CODEWORDS * 64 * 32:
+                raise LimitError(where, f"{name} too large")
+            tables[name] = np.ascontiguousarray(arr)
+        validate_tables(tables, where)
+        d = Dictionary(kind=str(entry.get("kind")), params=entry.get("params") or {}, **tables)
+        if d.content_id != cid:
+            raise FormatError(where, f"content hash {d.content_id} does not match its id {cid}")
+        self._dicts[cid] = d
+        return d
+
+
+def open(path, allow_incomplete: bool = False) -> Store:  # noqa: A001 - the public API name
+    return Store(path, allow_incomplete=allow_incomplete)

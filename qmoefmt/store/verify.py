@@ -1,0 +1,144 @@
+"""verify: is a store sound and complete? Every problem comes back as (where, what).
+
+Shallow: the root's self-checksum and version, every other zarr.json against the bytes
+the index implies, every chunk's size and CRC32C, no unexpected files, every dictionary
+valid and matching its content hash, every record consistent. Deep (`deep=True`) also
+decodes every coded tensor, checks the row invariants, the scales, the symbol counts, and
+that re-encoding gives the stored codewords (the stream is canonical).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from .. import codecs
+from ..errors import FormatError, IncompleteStoreError, QmoeError
+from ..format import constants as C
+from ..format import metadata as M
+from .files import check_array_file
+from .reader import Store
+
+
+@dataclass(frozen=True)
+class Problem:
+    where: str
+    what: str
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.what}"
+
+
+def _expect_bytes(path: Path, expected: bytes, problems: list, what: str) -> None:
+    try:
+        actual = path.read_bytes()
+    except FileNotFoundError:
+        problems.append(Problem(str(path), "missing"))
+        return
+    if actual != expected:
+        problems.append(Problem(str(path), f"{what} differs from what the index implies "
+                                           "(modified or damaged)"))
+
+
+def _check_arrays(root: Path, node: str, arrays: dict, unit: codecs.Codec | None,
+                  dtype: str | None, problems: list, expected_files: set) -> None:
+    for name, desc in arrays.items():
+        base = root / node / name
+        expected_files.add(base / "zarr.json")
+        try:
+            shape = desc["shape"]
+            ld = unit.logical_dtype(name, dtype) if unit else None
+            _expect_bytes(base / "zarr.json", M.array_doc(desc["data_type"], shape, ld),
+                          problems, "array metadata")
+            if M.has_chunk(shape):
+                expected_files.add(base / M.chunk_key(shape))
+            check_array_file(root, f"{node}/{name}", desc, check_crc=True)
+        except FormatError as e:
+            problems.append(Problem(e.where, e.what))
+        except (KeyError, TypeError):
+            problems.append(Problem(str(base), "malformed array descriptor in the index"))
+
+
+def _wrong_version(declared: str, needed: str) -> bool:
+    """Too low for the codecs used, or higher than they need while within the versions
+    this code knows (a newer minor may add members we cannot see, spec §3)."""
+    v = tuple(map(int, declared.split(".")))
+    n = tuple(map(int, needed.split(".")))
+    return v < n or (v != n and v <= (C.FORMAT_MAJOR, C.FORMAT_MINOR))
+
+
+def verify(path, deep: bool = False, progress=None, on_open=None) -> list[Problem]:
+    """`on_open(n_tensors)` is called once the root is read (the CLI sizes its progress
+    bar with it); `progress(1)` after each tensor."""
+    root = Path(path)
+    problems: list[Problem] = []
+    try:
+        store = Store(root)          # the one read of the root: checksum, version, index
+    except IncompleteStoreError:
+        return [Problem(str(root / C.ROOT_META),
+                        "store is incomplete: its pack did not finish (use pack --resume)")]
+    except QmoeError as e:
+        return [Problem(getattr(e, "where", str(root)), getattr(e, "what", str(e)))]
+    meta = store.meta
+    if on_open:
+        on_open(len(store))
+    used = {store.record(n)["codec"] for n in store}
+    if all(codecs.get(c) for c in used) and _wrong_version(store.format_version,
+                                                           codecs.lowest_version(used)):
+        problems.append(Problem(str(root / C.ROOT_META),
+                                f"format_version {store.format_version} is not "
+                                f"{codecs.lowest_version(used)}, the lowest defining the "
+                                f"codecs used ({', '.join(sorted(used))}), spec §3"))
+
+    expected_files = {root / C.ROOT_META}
+    for group in (C.TENSORS, C.DICTIONARIES):
+        expected_files.add(root / group / "zarr.json")
+        _expect_bytes(root / group / "zarr.json", M.group_doc(), problems, "group metadata")
+
+    for entry in store.dictionary_entries.values():
+        node = entry["path"]
+        expected_files.add(root / node / "zarr.json")
+        _expect_bytes(root / node / "zarr.json", M.node_doc(entry), problems,
+                      "dictionary metadata")
+        _check_arrays(root, node, entry["arrays"], None, None, problems, expected_files)
+        try:
+            store.dictionary(entry["id"])
+        except FormatError as e:
+            problems.append(Problem(e.where, e.what))
+
+    for name in store:
+        t = store.record(name)
+        node = t["path"]
+        expected_files.add(root / node / "zarr.json")
+        try:
+            _expect_bytes(root / node / "zarr.json", M.node_doc(t), problems, "tensor metadata")
+            _check_arrays(root, node, t["arrays"], codecs.get(t.get("codec")), t.get("dtype"),
+                          problems, expected_files)
+            problems.extend(_check_record(store, name, deep))
+        except (TypeError, ValueError, KeyError, AttributeError, OSError) as e:
+            # the reader type-checks the index; this catches what slips past it
+            problems.append(Problem(f"{root}/{node}", f"tensor {name!r}: malformed record ({e})"))
+        if progress:
+            progress(1)
+
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and p not in expected_files:
+            problems.append(Problem(str(p), "unexpected file (not part of the store)"))
+    return problems
+
+
+def _check_record(store: Store, name: str, deep: bool) -> list[Problem]:
+    r = store.record(name)
+    where = f"{store.path}/{r['path']}"
+    if r.get("unknown_codec"):
+        return [Problem(where, f"tensor {name!r}: unknown codec {r.get('codec')!r}")]
+    t = store[name]
+    want = set(t.unit.arrays)
+    if set(r["arrays"]) != want:
+        return [Problem(where, f"tensor {name!r}: arrays {sorted(r['arrays'])}, expected {sorted(want)}")]
+    try:
+        for a in t.unit.arrays:
+            t.array(a, check_crc=False)
+        t.unit.check(t, deep)
+    except FormatError as e:
+        return [Problem(e.where, e.what)]
+    return []
