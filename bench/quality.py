@@ -3,7 +3,7 @@ loss and perplexity of the dense model and of RTN and GPTQ stores at ternary, 2,
 bits, each with its store's bits/param and what GPTQ cost in time.
 
 Every quantized model goes through the real pipeline: RTN is `pack`; GPTQ is a sequential
-calibration file (qmoefmt.sequential: layer by layer, each layer calibrated on the model
+calibration file (qmoefmt.quantize.sequential: layer by layer, each layer calibrated on the model
 with the layers before it quantized) and then `pack --method gptq` with it. Each store is
 opened with qmoefmt.open, every expert decoded into a copy of the dense model, and that
 model evaluated on the held-out split (textdata: documents hashed apart from training).
@@ -35,11 +35,11 @@ import numpy as np
 import torch
 
 import qmoefmt
-from qmoefmt import format as fmt
 from qmoefmt.demo import textdata
 from qmoefmt.calibration import HessianCollector
 from qmoefmt.demo.model import heldout_loss, load_model
-from qmoefmt.pack import GPTQ_ACT_ORDER, PackOptions, pack
+from qmoefmt.format.constants import GPTQ_ACT_ORDER
+from qmoefmt.pack import PackOptions, pack
 from qmoefmt.selection import ExpertSelector
 from qmoefmt.quantize.sequential import sequential_calibrate
 

@@ -15,8 +15,11 @@ import click
 from tqdm import tqdm
 
 from qmoefmt import __version__
-from qmoefmt.io.checkpoint import CheckpointError
+from qmoefmt._torch import require_torch
+from qmoefmt.demo import CHECKOUT_MODEL, bundled_model_path
 from qmoefmt.errors import QmoeError
+from qmoefmt.format.constants import GRIDS
+from qmoefmt.selection import PRESETS
 
 
 def _fail(msg: str) -> None:
@@ -30,7 +33,7 @@ def clean_errors(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except (QmoeError, CheckpointError) as e:
+        except QmoeError as e:
             _fail(str(e))
         except OSError as e:
             _fail(f"{e.filename or ''}: {e.strerror or e}")
@@ -60,7 +63,7 @@ def main():
 @click.argument("output", type=click.Path())
 @click.option("--experts", "experts", multiple=True, metavar="GLOB",
               help="Tensor names to quantize as experts (fnmatch glob, repeatable).")
-@click.option("--preset", type=click.Choice(["switch", "mixtral"]),
+@click.option("--preset", type=click.Choice(sorted(PRESETS)),
               help="Select the expert weights of a known architecture.")
 @click.option("--dictionary", type=click.Choice(["auto", "qmoe-2023"]), default="auto",
               show_default=True, help="auto: golomb-v2f fitted per tensor; qmoe-2023: QMoE's.")
@@ -74,7 +77,7 @@ def main():
 @click.option("--device", default="cpu", show_default=True,
               help="GPTQ: the torch device it runs on, e.g. cuda (the store then depends on it: "
                    "GPU arithmetic differs from the CPU's).")
-@click.option("--bits", type=click.Choice(["ternary", "2", "3", "4"]), default="ternary",
+@click.option("--bits", type=click.Choice(GRIDS), default="ternary",
               show_default=True, help="ternary: dictionary-coded; 2/3/4: see --kbit-codec.")
 @click.option("--kbit-codec", type=click.Choice(["auto", "packed", "dict16"]), default="auto",
               show_default=True,
@@ -123,21 +126,18 @@ def _ratio_words(ratio) -> str:
     return f"{ratio:.2f}x smaller" if ratio >= 1 else f"{1 / ratio:.2f}x larger"
 
 
-BUNDLED_MODEL = "fixtures/moe-tiny/model.safetensors"
-
-
 @main.command()
 @click.argument("output", type=click.Path(dir_okay=False))
-@click.option("--model", "model_path", default=BUNDLED_MODEL, show_default=True,
-              type=click.Path(exists=True, dir_okay=False),
-              help="A checkpoint of the bundled SwitchMoELM (qmoefmt.moe_model).")
+@click.option("--model", "model_path", type=click.Path(exists=True, dir_okay=False),
+              help="A checkpoint of the bundled SwitchMoELM (qmoefmt.demo.model)  [default: "
+                   f"$QMOEFMT_DEMO_MODEL, else the checkout's {CHECKOUT_MODEL}]")
 @click.option("--tokens", type=click.IntRange(min=1), default=65536, show_default=True,
               help="Calibration tokens, taken from the training split.")
 @click.option("--sequential", is_flag=True,
               help="QMoE's sequential mode: quantize the experts layer by layer with GPTQ, "
                    "each layer calibrated on the model with the layers before it quantized. "
                    "Pack the file with the same --bits/--group-size/--act-order.")
-@click.option("--bits", type=click.Choice(["ternary", "2", "3", "4"]), default=None,
+@click.option("--bits", type=click.Choice(GRIDS), default=None,
               help="--sequential: the GPTQ grid  [default: ternary]")
 @click.option("--group-size", type=click.IntRange(min=1), default=None,
               help="--sequential, 2/3/4 bits: one scale and zero point per this many columns.")
@@ -150,7 +150,7 @@ def calibrate(output, model_path, tokens, sequential, bits, group_size, act_orde
     into OUTPUT (a calibration file, spec/calibration-v1.md) for `pack --method gptq`.
     Other PyTorch models: qmoefmt.calibration.HessianCollector, and for sequential mode
     qmoefmt.quantize.sequential.sequential_calibrate."""
-    import torch
+    torch = require_torch("qmoefmt calibrate")
 
     from qmoefmt.quantize.collector import HessianCollector
     from qmoefmt.demo.model import load_model, token_windows
@@ -166,7 +166,7 @@ def calibrate(output, model_path, tokens, sequential, bits, group_size, act_orde
         # Fail on bad settings before minutes of calibration, with pack's own messages.
         PackOptions(preset="switch", method="gptq", bits=bits, group_size=group_size,
                     calibration=output, act_order=act_order).validate()
-    model = load_model(model_path).eval()
+    model = load_model(model_path or bundled_model_path()).eval()
     ctx = model.config.context
     windows = token_windows(train_tokens(), ctx)[:, :-1]
     windows = windows[: max(1, -(-tokens // ctx))]

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import importlib.util
 import json
 import shutil
 import sys
@@ -70,12 +69,9 @@ OUTPUTS = ["switch-tiny", "edge", *STORES, "conformance", "broken", *UINT_STORES
 
 
 def _reference():
-    """tests/test_qmoe_reference.py: the independent quantizer and QMoE encoder."""
-    path = REPO / "tests" / "test_qmoe_reference.py"
-    spec = importlib.util.spec_from_file_location("qmoe_reference", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    """The independent quantizer and QMoE encoder (qmoefmt/testing/qmoe_reference.py)."""
+    from qmoefmt.testing import qmoe_reference
+    return qmoe_reference
 
 
 # ------------------------------------------------------------------ checkpoints
@@ -358,7 +354,6 @@ class Store:
         return {"data_type": data_type, "shape": list(arr.shape), "crc32c": crc}
 
     def set_tensor_array(self, name: str, array: str, arr: np.ndarray) -> None:
-        from qmoefmt import format as fmt
         rec = self.record(name)
         from qmoefmt import codecs
         ld = codecs.get(rec["codec"]).logical_dtype(array, rec["dtype"])

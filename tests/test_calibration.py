@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,12 +15,11 @@ from qmoefmt.demo.model import load_model, token_windows
 from qmoefmt.selection import ExpertSelector
 from qmoefmt.demo.textdata import train_tokens
 
-MODEL = Path(__file__).resolve().parents[1] / "fixtures" / "moe-tiny" / "model.safetensors"
 
-
-def test_collector_on_the_bundled_model(tmp_path):
+@pytest.mark.slow
+def test_collector_on_the_bundled_model(tmp_path, fixture_checkpoint):
     torch.manual_seed(0)
-    model = load_model(MODEL).eval()
+    model = load_model(fixture_checkpoint("moe-tiny")).eval()
     windows = token_windows(train_tokens()[:4 * 257 * 4], model.config.context)[:4, :-1]
     seen = {}
     name = "blocks.1.mlp.experts.expert_2.wi.weight"

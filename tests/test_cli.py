@@ -13,10 +13,9 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
+from qmoefmt.testing import conformance
 from qmoefmt_cli.main import main as cli
 
-REPO = Path(__file__).resolve().parents[1]
-FIX = REPO / "fixtures"
 QMOEFMT = Path(sys.executable).parent / "qmoefmt"
 
 
@@ -58,10 +57,10 @@ def test_help(command):
     assert r.exit_code == 0
 
 
-def test_installed_entry_point():
+def test_installed_entry_point(broken_dir):
     r = subprocess.run([str(QMOEFMT), "--version"], capture_output=True, text=True)
     assert r.returncode == 0 and "qmoefmt" in r.stdout
-    r = subprocess.run([str(QMOEFMT), "verify", str(FIX / "broken" / "flipped-codes-byte")],
+    r = subprocess.run([str(QMOEFMT), "verify", str(broken_dir / "flipped-codes-byte")],
                        capture_output=True, text=True)
     assert r.returncode == 1
     assert "crc32c mismatch" in r.stdout and "Traceback" not in r.stderr
@@ -70,14 +69,14 @@ def test_installed_entry_point():
 # ------------------------------------------------------------------ inspect
 
 @pytest.mark.parametrize("store", ["edge.qmoe", "switch-tiny.qmoe"])
-def test_inspect_json(store):
-    path = FIX / store
+def test_inspect_json(store, fixture_store):
+    path = fixture_store(store)
     r = run("inspect", "--json", path)
     assert r.exit_code == 0, r.output
     s = json.loads(r.stdout)
     assert s["format_version"] == "1.0"
     assert s["complete"] is True
-    manifest = json.loads((FIX / "conformance" / "manifest.json").read_text())
+    manifest = conformance.manifest("conformance")
     coded = manifest["stores"][store]["tensors"]
     params = 0
     for t in s["tensors"]:
@@ -97,8 +96,8 @@ def test_inspect_json(store):
     assert tot["bits_per_param"] == pytest.approx(8 * on_disk / params, rel=1e-12)
 
 
-def test_inspect_text():
-    r = run("inspect", FIX / "edge.qmoe")
+def test_inspect_text(fixture_store):
+    r = run("inspect", fixture_store("edge.qmoe"))
     assert r.exit_code == 0
     assert "qmoefmt format 1.0, complete" in r.stdout
     for name in ("edge.odd", "edge.wide", "scalar"):
@@ -106,37 +105,37 @@ def test_inspect_text():
     assert "total:" in r.stdout and "bits/param" in r.stdout
 
 
-def test_inspect_incomplete_store():
-    r = run("inspect", "--json", FIX / "broken" / "incomplete")
+def test_inspect_incomplete_store(broken_dir):
+    r = run("inspect", "--json", broken_dir / "incomplete")
     assert r.exit_code == 0
     assert json.loads(r.stdout)["complete"] is False
-    r = run("inspect", FIX / "broken" / "incomplete")
+    r = run("inspect", broken_dir / "incomplete")
     assert "INCOMPLETE" in r.stdout
 
 
 # ------------------------------------------------------------------ verify
 
-def test_verify_json_good():
-    r = run("verify", "--json", "--deep", FIX / "edge.qmoe")
+def test_verify_json_good(fixture_store):
+    r = run("verify", "--json", "--deep", fixture_store("edge.qmoe"))
     assert r.exit_code == 0, r.output
     doc = json.loads(r.stdout)
     assert doc == {"ok": True, "deep": True, "problems": []}
 
 
-def test_verify_text_good():
+def test_verify_text_good(fixture_store):
     import qmoefmt
-    path = FIX / "switch-tiny-qmoe2023.qmoe"
+    path = fixture_store("switch-tiny-qmoe2023.qmoe")
     r = run("verify", path)
     assert r.exit_code == 0
     assert r.stdout.strip() == f"{path}: ok ({len(qmoefmt.open(path))} tensors)"
 
 
-def test_verify_broken_exit_1():
-    r = run("verify", FIX / "broken" / "missing-chunk")
+def test_verify_broken_exit_1(broken_dir):
+    r = run("verify", broken_dir / "missing-chunk")
     assert r.exit_code == 1
     assert "chunk file missing" in r.stdout
     assert "Traceback" not in r.output
-    r = run("verify", "--json", FIX / "broken" / "incomplete")
+    r = run("verify", "--json", broken_dir / "incomplete")
     assert r.exit_code == 1
     assert "incomplete" in json.loads(r.stdout)["problems"][0]["what"]
 
@@ -231,22 +230,22 @@ def test_pack_errors(tmp_path, small_ckpt):
 
 # ------------------------------------------------------------------ unpack and others
 
-def test_unpack_cli(tmp_path):
+def test_unpack_cli(tmp_path, fixture_store, fixture_checkpoint):
     out = tmp_path / "u.safetensors"
-    r = run("unpack", FIX / "switch-tiny-qmoe2023.qmoe", out)
+    r = run("unpack", fixture_store("switch-tiny-qmoe2023.qmoe"), out)
     assert r.exit_code == 0, r.output
-    n = len(load_file(str(FIX / "switch-tiny" / "model.safetensors")))
+    n = len(load_file(str(fixture_checkpoint("switch-tiny"))))
     assert f"wrote {n} tensors" in r.stdout
     assert len(load_file(str(out))) == n
 
 
-def test_store_errors_are_one_line(tmp_path):
-    assert_one_line_error(run("unpack", FIX / "broken" / "incomplete", tmp_path / "u.st"), 1,
+def test_store_errors_are_one_line(tmp_path, broken_dir):
+    assert_one_line_error(run("unpack", broken_dir / "incomplete", tmp_path / "u.st"), 1,
                           "incomplete")
-    assert_one_line_error(run("unpack", FIX / "broken" / "unknown-major", tmp_path / "u.st"), 1,
+    assert_one_line_error(run("unpack", broken_dir / "unknown-major", tmp_path / "u.st"), 1,
                           "major 2")
     assert_one_line_error(run("inspect", tmp_path), 1, "not a qmoefmt store")
-    assert_one_line_error(run("inspect", FIX / "broken" / "root-checksum"), 1,
+    assert_one_line_error(run("inspect", broken_dir / "root-checksum"), 1,
                           "checksum mismatch")
     assert not (tmp_path / "u.st").exists()
     r = run("inspect", tmp_path / "missing")

@@ -19,7 +19,7 @@ from qmoefmt.errors import FormatError
 from qmoefmt.errors import NonFiniteError
 from qmoefmt.format import bf16
 from qmoefmt.quantize.rtn import quantize_rtn
-from test_qmoe_reference import reference_encode, reference_quantize, reference_sequences
+from qmoefmt.testing.qmoe_reference import reference_quantize, reference_sequences
 
 # build_golomb takes 1-2 s per dictionary (lru_cached, 8 slots): a small fixed set.
 GOLOMB_P0 = (0.7549, 0.8808, 0.9707)

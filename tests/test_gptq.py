@@ -209,6 +209,7 @@ def test_rejects_mismatched_shapes():
         gptq.gptq_ternary(torch.zeros(2, 4, 8), torch.zeros(2, 4, 4))
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_matches_cpu():
     W, _, H = _problem()

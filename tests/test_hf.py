@@ -19,6 +19,7 @@ from qmoefmt.store.verify import verify
 from qmoefmt_cli.main import main as cli
 
 transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.hf
 
 E, H, I = 4, 32, 48                  # experts, hidden, expert intermediate
 MIXTRAL_LAYERS = 2
@@ -250,7 +251,7 @@ def test_gptq_pack(checkpoints, tmp_path, family, bits):
     if family == "switch":
         assert ("rtn-no-tokens", 0) in statuses
     if family == "mixtral-fused":
-        assert store[f"model.layers.0.mlp.experts.gate_up_proj"].shape == (E, 2 * I, H)
+        assert store["model.layers.0.mlp.experts.gate_up_proj"].shape == (E, 2 * I, H)
 
 
 def test_cli_pack_mixtral_gptq(checkpoints, tmp_path):

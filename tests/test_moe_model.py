@@ -1,7 +1,6 @@
 import fnmatch
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,7 +17,6 @@ from qmoefmt.demo.model import (
     token_windows,
 )
 
-CHECKPOINT = Path(__file__).resolve().parent.parent / "fixtures" / "moe-tiny" / "model.safetensors"
 SWITCH_PRESET = ("*mlp.experts.expert_*.wi.weight", "*mlp.experts.expert_*.wo.weight")
 SMALL = MoEConfig(context=16, d_model=32, n_layers=2, n_heads=2, d_ff=64, n_experts=4)
 
@@ -85,11 +83,11 @@ def test_textdata_split_is_disjoint_and_byte_level():
     assert textdata.decode(textdata.encode(text)) == text
 
 
-@pytest.mark.skipif(not CHECKPOINT.exists(), reason="fixture checkpoint not trained yet")
-def test_committed_checkpoint_heldout_loss_and_expert_use():
+@pytest.mark.slow
+def test_committed_checkpoint_heldout_loss_and_expert_use(fixture_checkpoint):
     torch.set_num_threads(2)
-    model = load_model(CHECKPOINT)
-    meta = read_metadata(CHECKPOINT)
+    model = load_model(fixture_checkpoint("moe-tiny"))
+    meta = read_metadata(fixture_checkpoint("moe-tiny"))
     heldout = textdata.heldout_tokens()
     counts = torch.zeros(model.config.n_layers, model.config.n_experts, dtype=torch.long)
     for i, block in enumerate(model.blocks):

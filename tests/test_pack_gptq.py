@@ -93,11 +93,12 @@ def test_cli_gptq(model):
     assert json.loads(r.stdout)["expert_tensors"] == 3
 
 
-def test_calibrate_the_bundled_model(tmp_path):
+@pytest.mark.slow
+def test_calibrate_the_bundled_model(tmp_path, fixture_checkpoint):
     from qmoefmt.calibration import CalibrationFile
     out = tmp_path / "cal.safetensors"
     r = CliRunner().invoke(cli, ["calibrate", str(out), "--tokens", "600", "--model",
-                                 "fixtures/moe-tiny/model.safetensors", "--json"])
+                                 str(fixture_checkpoint("moe-tiny")), "--json"])
     assert r.exit_code == 0, r.output
     summary = json.loads(r.stdout)
     assert summary["experts"] == 64 and summary["tokens"] == 768      # whole windows
@@ -146,6 +147,7 @@ def test_device_is_checked():
             PackOptions(experts=("*",), method="gptq", calibration="c", device="cuda").validate()
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gptq_pack_on_cuda(model):
     tmp, w, H = model

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -214,14 +213,11 @@ def test_pack_refuses_other_settings(tmp_path):
         preset="switch", method="gptq", bits="2", calibration=str(cal), act_order=True))
 
 
-MODEL = Path(__file__).resolve().parents[1] / "fixtures" / "moe-tiny" / "model.safetensors"
-
-
-def test_cli_calibrate_sequential(tmp_path):
+def test_cli_calibrate_sequential(tmp_path, fixture_checkpoint):
     out = tmp_path / "cal.safetensors"
     runner = CliRunner()
-    res = runner.invoke(cli, ["calibrate", str(out), "--model", str(MODEL), "--tokens", "256",
-                              "--sequential", "--bits", "2", "--group-size", "64",
+    res = runner.invoke(cli, ["calibrate", str(out), "--model", str(fixture_checkpoint("moe-tiny")),
+                              "--tokens", "256", "--sequential", "--bits", "2", "--group-size", "64",
                               "--no-act-order", "--json"])
     assert res.exit_code == 0, res.output
     summary = json.loads(res.output)

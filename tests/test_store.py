@@ -3,8 +3,6 @@ byte counts, determinism, resuming an interrupted pack, the checkpoint formats, 
 interop and unpack."""
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 from pathlib import Path
 
@@ -25,13 +23,9 @@ from qmoefmt.pack import PackError, PackOptions, pack
 from qmoefmt.store.writer import StoreExistsError
 from qmoefmt.io.unpack import unpack
 from qmoefmt.store.verify import verify
-from test_qmoe_reference import reference_quantize
+from qmoefmt.testing import conformance, paths
+from qmoefmt.testing.qmoe_reference import reference_quantize
 
-REPO = Path(__file__).resolve().parents[1]
-FIX = REPO / "fixtures"
-SWITCH = FIX / "switch-tiny" / "model.safetensors"
-EDGE = FIX / "edge" / "model.safetensors"
-FIXTURE_STORES = ["switch-tiny.qmoe", "switch-tiny-qmoe2023.qmoe", "edge.qmoe", "edge-auto.qmoe"]
 # Packing these two edge tensors hits known bugs (see test_pack_expert_with_zero_columns
 # and test_pack_scalar_round_trips); the other tests pack the edge model without them.
 KNOWN_BAD = ("edge.empty_cols", "scalar")
@@ -63,18 +57,19 @@ def bits16(t: torch.Tensor) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def edge_lite(tmp_path_factory) -> Path:
+def edge_lite(tmp_path_factory, fixture_checkpoint) -> Path:
     """The edge checkpoint without the tensors that trip known packer bugs."""
-    t = {k: v for k, v in load_file(str(EDGE)).items() if k not in KNOWN_BAD}
+    src = load_file(str(fixture_checkpoint("edge")))
+    t = {k: v for k, v in src.items() if k not in KNOWN_BAD}
     p = tmp_path_factory.mktemp("edge-lite") / "model.safetensors"
     save_file(t, str(p))
     return p
 
 
 @pytest.fixture(scope="module")
-def mini_switch(tmp_path_factory) -> Path:
+def mini_switch(tmp_path_factory, fixture_checkpoint) -> Path:
     """A few Switch tensors: an auto pack holds one or two golomb dictionaries."""
-    src = load_file(str(SWITCH))
+    src = load_file(str(fixture_checkpoint("switch-tiny")))
     keep = [k for k in sorted(src) if "expert_0." in k or "expert_1." in k][:4]
     keep += ["shared.weight", "encoder.final_layer_norm.weight",
              "encoder.block.1.layer.1.mlp.router.classifier.weight"]
@@ -127,30 +122,28 @@ def check_against_source(store_path: Path, source: dict[str, torch.Tensor]) -> i
     return coded
 
 
-def check_against_manifest(store_path: Path, fixture_store: str, skip=()) -> None:
+def check_against_manifest(store_path: Path, fixture: str, skip=()) -> None:
     """A fresh pack writes the streams the conformance manifest expects."""
-    manifest = json.loads((FIX / "conformance" / "manifest.json").read_text())
-    want = manifest["stores"][fixture_store]["tensors"]
+    want = conformance.manifest("conformance")["stores"][fixture]["tensors"]
     st = qmoefmt.open(store_path)
     coded = {n for n in st if st[n].codec == fmt.CODEC_TERNARY}
     assert coded == set(want) - set(skip)
     for name in coded:
         t, w = st[name], want[name]
-        sha = lambda a: hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()  # noqa: E731
         assert t.dictionary == w["dictionary"], name
-        assert sha(t.array("codes")) == w["codes_sha256"], name
-        assert sha(t.array("row_codes")) == w["row_codes_sha256"], name
-        assert sha(t.array("scales")) == w["scales_sha256"], name
+        assert conformance.sha256(t.array("codes")) == w["codes_sha256"], name
+        assert conformance.sha256(t.array("row_codes")) == w["row_codes_sha256"], name
+        assert conformance.sha256(t.array("scales")) == w["scales_sha256"], name
 
 
 @pytest.mark.parametrize("options,fixture", [(SWITCH_QMOE, "switch-tiny-qmoe2023.qmoe"),
                                              (SWITCH_AUTO, "switch-tiny.qmoe")],
                          ids=["qmoe-2023", "auto"])
-def test_switch_pack_decodes_to_reference(tmp_path, options, fixture):
+def test_switch_pack_decodes_to_reference(tmp_path, options, fixture, fixture_checkpoint):
     out = tmp_path / "s.qmoe"
-    summary = pack(SWITCH, out, options)
+    summary = pack(fixture_checkpoint("switch-tiny"), out, options)
     assert summary.expert_tensors == 16
-    assert check_against_source(out, load_file(str(SWITCH))) == 16
+    assert check_against_source(out, load_file(str(fixture_checkpoint("switch-tiny")))) == 16
     check_against_manifest(out, fixture)
     assert verify(out, deep=True) == []
 
@@ -243,13 +236,26 @@ def test_summarize_counts_every_file(edge_store):
             assert t["zero_fraction"] == rec["symbol_counts"][0] / n
     assert s["total"]["params"] == params
     assert s["total"]["bits_per_param"] == 8 * on_disk / params
-    coded = [t for t in s["tensors"] if t["codec"] == fmt.CODEC_TERNARY]
+    coded = [t for t in s["tensors"] if t["codec"] != "qmoe.dense"]
     assert s["experts"]["bytes"] == sum(t["bytes"] for t in coded)
     assert s["dictionary_bytes"] == sum(
         p.stat().st_size for p in (edge_store / "dictionaries").rglob("*") if p.is_file())
     # every byte on disk is a tensor's, a dictionary's, or the root's / tensors group's
     roots = sum((edge_store / p / "zarr.json").stat().st_size for p in (".", "tensors"))
     assert on_disk == sum(t["bytes"] for t in s["tensors"]) + s["dictionary_bytes"] + roots
+
+
+@pytest.mark.parametrize("store", ["switch-tiny.qmoe", "switch-tiny-2bit.qmoe",
+                                   "switch-tiny-2bit-dict16.qmoe", "edge-3bit-g16.qmoe"])
+def test_inspect_counts_every_expert_codec_as_experts(store, fixture_store):
+    """inspect's experts are every quantized tensor, whatever its codec (it once counted
+    only ternary ones and reported 0 experts for a 2-bit store)."""
+    path = fixture_store(store)
+    s = summarize(qmoefmt.open(path))
+    coded = [t for t in s["tensors"] if t["codec"] != "qmoe.dense"]
+    assert coded and s["experts"]["tensors"] == len(coded)
+    assert s["experts"]["params"] == sum(math.prod(t["shape"]) for t in coded)
+    assert s["experts"]["bytes"] == sum(t["bytes"] for t in coded)
 
 
 def test_pack_summary_numbers(tmp_path, edge_lite):
@@ -304,8 +310,7 @@ def counting_pack_tensor(monkeypatch, fail_at: int | None = None, after_write: b
 
 
 @pytest.mark.parametrize("after_write", [False, True], ids=["before-write", "after-write"])
-def test_resume_finishes_interrupted_pack(tmp_path, monkeypatch, edge_lite, edge_store,
-                                          after_write):
+def test_resume_finishes_interrupted_pack(tmp_path, monkeypatch, edge_lite, edge_store, after_write):
     out = tmp_path / "s.qmoe"
     n_done = 5
     with monkeypatch.context() as m:
@@ -439,24 +444,24 @@ def test_torch_and_hdf5_inputs(tmp_path, edge_lite, edge_store):
                 f.create_dataset(k, data=v.numpy())
     want_records = records_by_name(edge_store)
     want_arrays = arrays_of(edge_store)
-    for path, fmt in ((pt, "torch"), (h5, "hdf5")):
-        out = tmp_path / f"{fmt}.qmoe"
+    for path, kind in ((pt, "torch"), (h5, "hdf5")):
+        out = tmp_path / f"{kind}.qmoe"
         pack(path, out, QMOE)
         st = qmoefmt.open(out)
-        assert st.meta["source"]["format"] == fmt
+        assert st.meta["source"]["format"] == kind
         got = records_by_name(out)
         assert sorted(got) == sorted(want_records)
         for name, rec in got.items():
-            assert rec == want_records[name], (fmt, name)
+            assert rec == want_records[name], (kind, name)
         assert arrays_of(out) == want_arrays
         assert verify(out, deep=True) == []
 
 
 # ------------------------------------------------------------------ zarr-python interop
 
-@pytest.mark.parametrize("store", FIXTURE_STORES)
-def test_zarr_python_reads_every_array(store):
-    path = FIX / store
+@pytest.mark.parametrize("store", paths.TERNARY_STORES)
+def test_zarr_python_reads_every_array(store, fixture_store):
+    path = fixture_store(store)
     ours = qmoefmt.open(path)
     g = zarr.open_group(str(path), mode="r")
     assert g.attrs["qmoefmt"]["format_version"] == ours.format_version
@@ -485,9 +490,9 @@ def test_zarr_python_reads_every_array(store):
 # ------------------------------------------------------------------ unpack
 
 @pytest.mark.parametrize("store", ["edge.qmoe", "switch-tiny.qmoe"])
-def test_unpack(tmp_path, store):
-    st = qmoefmt.open(FIX / store)
-    ckpt = EDGE if store.startswith("edge") else SWITCH
+def test_unpack(tmp_path, store, fixture_store, fixture_checkpoint):
+    st = qmoefmt.open(fixture_store(store))
+    ckpt = fixture_checkpoint("edge" if store.startswith("edge") else "switch-tiny")
     src = load_file(str(ckpt))
     out = tmp_path / "out.safetensors"
     assert unpack(st, out) == len(st)

@@ -24,13 +24,10 @@ from qmoefmt.dictionaries.tables import Dictionary
 from qmoefmt.errors import QmoeError
 from qmoefmt.pack import PackOptions, pack
 from qmoefmt.store.verify import verify
+from qmoefmt.testing import paths
 from qmoefmt_cli.main import main as cli
 
-REPO = Path(__file__).resolve().parents[1]
-FIX = REPO / "fixtures"
-BROKEN = FIX / "broken"
-CASES = json.loads((BROKEN / "cases.json").read_text())
-GOOD = ["switch-tiny.qmoe", "switch-tiny-qmoe2023.qmoe", "edge.qmoe", "edge-auto.qmoe"]
+CASES = json.loads((paths.BROKEN / "cases.json").read_text())
 
 
 def run_cli(*args):
@@ -48,7 +45,7 @@ def open_and_decode(path: Path) -> None:
             t.decode()
 
 
-def test_cases_cover_the_brief():
+def test_cases_cover_the_brief(broken_dir):
     need = {"root-checksum", "root-not-json", "unknown-major", "incomplete", "missing-chunk",
             "truncated-chunk", "flipped-codes-byte", "tampered-array-meta",
             "tampered-tensor-meta", "extra-file", "partial-leftover", "row-codes-sum",
@@ -56,30 +53,30 @@ def test_cases_cover_the_brief():
             "dotdot-path"}
     assert need <= set(CASES)
     for name in CASES:
-        assert (BROKEN / name / "zarr.json").is_file(), name
+        assert (broken_dir / name / "zarr.json").is_file(), name
     # git ignores *.partial.*: make sure the file was committed (git add -f)
-    assert (BROKEN / "partial-leftover/tensors/edge.odd/codes/c/0.partial.123").is_file()
+    assert (broken_dir / "partial-leftover/tensors/edge.odd/codes/c/0.partial.123").is_file()
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_broken_store_cli(case):
+def test_broken_store_cli(case, broken_dir):
     c = CASES[case]
-    r = CliRunner().invoke(cli, ["verify", "--deep", str(BROKEN / case)])
+    r = CliRunner().invoke(cli, ["verify", "--deep", str(broken_dir / case)])
     assert r.exit_code == 1, r.output
     assert "Traceback" not in r.output and "Traceback" not in r.stderr
     lines = [ln for ln in r.stdout.splitlines() if ln.strip()]
     assert lines and any(c["expect"] in ln for ln in lines), lines
     # one line per problem: each names a path inside the store
     for ln in lines:
-        assert str(BROKEN / case) in ln, ln
+        assert str(broken_dir / case) in ln, ln
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_broken_store_verify_function(case):
+def test_broken_store_verify_function(case, broken_dir):
     c = CASES[case]
-    deep = [str(p) for p in verify(BROKEN / case, deep=True)]
+    deep = [str(p) for p in verify(broken_dir / case, deep=True)]
     assert any(c["expect"] in p for p in deep), deep
-    shallow = [str(p) for p in verify(BROKEN / case, deep=False)]
+    shallow = [str(p) for p in verify(broken_dir / case, deep=False)]
     if c["deep_only"]:
         assert not any(c["expect"] in p for p in shallow), shallow
     else:
@@ -87,18 +84,18 @@ def test_broken_store_verify_function(case):
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_broken_store_open(case):
+def test_broken_store_open(case, broken_dir):
     c = CASES[case]
     if c["open_expect"] is None:
-        open_and_decode(BROKEN / case)
+        open_and_decode(broken_dir / case)
         return
     with pytest.raises(QmoeError) as e:
-        open_and_decode(BROKEN / case)
+        open_and_decode(broken_dir / case)
     assert c["open_expect"] in str(e.value)
 
 
-def test_verify_json_on_broken_store():
-    r = run_cli("verify", "--json", BROKEN / "flipped-codes-byte")
+def test_verify_json_on_broken_store(broken_dir):
+    r = run_cli("verify", "--json", broken_dir / "flipped-codes-byte")
     assert r.exit_code == 1
     doc = json.loads(r.stdout)
     assert doc["ok"] is False and doc["deep"] is False
@@ -106,12 +103,12 @@ def test_verify_json_on_broken_store():
     assert all(set(p) == {"where", "what"} for p in doc["problems"])
 
 
-def test_empty_path_segment_is_refused(tmp_path):
+def test_empty_path_segment_is_refused(tmp_path, fixture_store):
     """Spec 4.3: a path is tensors/ plus ONE NON-EMPTY segment other than . and ..
     BUG qmoefmt/store_reader.py Store._index accepts "tensors/" (and "tensors/.", see
     fixtures/broken/dot-path)."""
     dst = tmp_path / "s.qmoe"
-    shutil.copytree(FIX / "edge.qmoe", dst)
+    shutil.copytree(fixture_store("edge.qmoe"), dst)
     meta = json.loads((dst / "zarr.json").read_bytes())["attributes"]["qmoefmt"]
     next(r for r in meta["tensors"] if r["name"] == "edge.odd")["path"] = "tensors/"
     (dst / "zarr.json").write_bytes(fmt.root_doc(meta))
@@ -119,9 +116,9 @@ def test_empty_path_segment_is_refused(tmp_path):
         qmoefmt.open(dst)
 
 
-@pytest.mark.parametrize("store", GOOD)
-def test_good_fixture_stores_verify_clean(store):
-    r = CliRunner().invoke(cli, ["verify", "--deep", str(FIX / store)])
+@pytest.mark.parametrize("store", paths.TERNARY_STORES)
+def test_good_fixture_stores_verify_clean(store, fixture_store):
+    r = CliRunner().invoke(cli, ["verify", "--deep", str(fixture_store(store))])
     assert r.exit_code == 0, r.output
     assert "ok" in r.stdout and "deep" in r.stdout
 
@@ -184,6 +181,7 @@ def scratch(tmp_path):
         yield tmp_path
 
 
+@pytest.mark.slow
 def test_every_single_byte_change_is_detected(scratch, small_store, memo_dictionary_checks):
     """Spec 10: any change to any single byte of a store is detectable. Every byte of
     every file under 64 KiB, XOR 0x01 and (separately) a random other value; a few
@@ -282,10 +280,10 @@ INDEX_DEFECTS = {
 
 
 @pytest.mark.parametrize("defect", sorted(INDEX_DEFECTS))
-def test_index_defects(tmp_path, defect):
+def test_index_defects(tmp_path, defect, fixture_store):
     mutate, open_err, verify_err = INDEX_DEFECTS[defect]
     dst = tmp_path / "s.qmoe"
-    shutil.copytree(FIX / "edge.qmoe", dst)
+    shutil.copytree(fixture_store("edge.qmoe"), dst)
     meta = json.loads((dst / "zarr.json").read_bytes())["attributes"]["qmoefmt"]
     mutate(meta)
     _resign(dst, meta, regroup=defect not in ("long-name", "duplicate-name"))
@@ -299,10 +297,10 @@ def test_index_defects(tmp_path, defect):
     assert any(verify_err in p for p in problems), problems
 
 
-def test_unknown_codec_refuses_only_that_tensor(tmp_path):
+def test_unknown_codec_refuses_only_that_tensor(tmp_path, fixture_store):
     """Spec 3: a tensor whose codec is unknown is refused per tensor, not per store."""
     dst = tmp_path / "s.qmoe"
-    shutil.copytree(FIX / "edge.qmoe", dst)
+    shutil.copytree(fixture_store("edge.qmoe"), dst)
     meta = json.loads((dst / "zarr.json").read_bytes())["attributes"]["qmoefmt"]
     _odd(meta)["codec"] = "acme.future"
     _resign(dst, meta)
@@ -313,10 +311,10 @@ def test_unknown_codec_refuses_only_that_tensor(tmp_path):
     assert st["edge.row"].decode().shape == (1, 301)
 
 
-def test_newer_minor_version_is_read(tmp_path):
+def test_newer_minor_version_is_read(tmp_path, fixture_store):
     """Spec 3: a 1.m reader reads any 1.n store, ignoring members it does not know."""
     dst = tmp_path / "s.qmoe"
-    shutil.copytree(FIX / "edge.qmoe", dst)
+    shutil.copytree(fixture_store("edge.qmoe"), dst)
     meta = json.loads((dst / "zarr.json").read_bytes())["attributes"]["qmoefmt"]
     meta["format_version"] = "1.99"
     meta["from_the_future"] = {"x": [1, 2]}
@@ -324,7 +322,7 @@ def test_newer_minor_version_is_read(tmp_path):
     _resign(dst, meta)
     st = qmoefmt.open(dst)
     assert st.format_version == "1.99"
-    want = qmoefmt.open(FIX / "edge.qmoe")
+    want = qmoefmt.open(fixture_store("edge.qmoe"))
     for name in st:
         if st[name].codec == fmt.CODEC_TERNARY:
             assert np.array_equal(st[name].symbols(), want[name].symbols())
@@ -364,12 +362,12 @@ MALFORMED = {
 
 
 @pytest.mark.parametrize("case", sorted(MALFORMED))
-def test_malformed_index_values_are_format_errors(tmp_path, case):
+def test_malformed_index_values_are_format_errors(tmp_path, case, fixture_store):
     """BUGS (see MALFORMED): verify() and open/decode crash with ValueError, TypeError,
     AttributeError or NotADirectoryError on wrongly typed index values."""
     path, value = MALFORMED[case]
     dst = tmp_path / "s.qmoe"
-    shutil.copytree(FIX / "edge.qmoe", dst)
+    shutil.copytree(fixture_store("edge.qmoe"), dst)
     meta = json.loads((dst / "zarr.json").read_bytes())["attributes"]["qmoefmt"]
     i = next(i for i, r in enumerate(meta["tensors"]) if r["name"] == "edge.odd")
     _set(meta, tuple(i if k == ODD else k for k in path), value)

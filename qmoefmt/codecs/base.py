@@ -77,7 +77,8 @@ class Codec:
         return {"zero_fraction": counts[0] / n if counts and n else None}
 
 
-def require_int(record: dict, key: str, where: str, allowed=None, minimum: int | None = None) -> int:
+def require_int(record: dict, key: str, where: str, allowed=None,
+                minimum: int | None = None) -> int:
     """An integer member of a record, validated (booleans are not integers)."""
     v = record.get(key)
     if (not isinstance(v, int) or isinstance(v, bool) or (allowed is not None and v not in allowed)

@@ -90,7 +90,7 @@ def _grow_tree(start, p1, ez, es, nx, child, node_base, length, nxt_state, nnz, 
     """One state's tree: 65535 expansions of the most probable leaf (ties: the leaf
     created first), then its leaves, sorted by decreasing probability and creation order,
     become the state's codewords. Returns (nodes used, max nnz, a leaf emits nothing)."""
-    maxl = 2 * 65536
+    maxl = 2 * CODEWORDS
     lp = np.empty(maxl, np.float64)          # -probability, as the heap orders it
     lst = np.empty(maxl, np.int64)
     lln = np.empty(maxl, np.int64)
@@ -137,7 +137,7 @@ def _grow_tree(start, p1, ez, es, nx, child, node_base, length, nxt_state, nnz, 
         node += 1
     kmax = 0
     empty = False
-    for code in range(65536):
+    for code in range(CODEWORDS):
         lid = heapq.heappop(heap)[1]       # popping the heap empty sorts the leaves
         child[lpar[lid], lbr[lid]] = ~code
         length[code] = lln[lid]

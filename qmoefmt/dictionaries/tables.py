@@ -1,4 +1,5 @@
-"""Dictionaries of the `qmoe.ternary-dict16` codec, as the spec stores them (spec §5).
+"""Dictionaries of the dictionary-coded codecs (`qmoe.ternary-dict16`, `qmoe.uint-dict16`),
+as the spec stores them (spec §5).
 
 A dictionary maps a 16-bit codeword, read in a decoder *state*, to a run of ternary
 symbols. Readers only ever need the expansion tables below; how a dictionary was built

@@ -5,9 +5,8 @@ byte range into a fresh array, rather than ``safe_open`` or ``np.memmap``: itera
 2 GB file of 25 MB bf16 tensors, it added one tensor (24 MiB) to peak RSS where
 memmap-and-copy added two and ``safe_open`` needs torch (~190 MiB) for bf16, and it was
 the fastest of the three.
-PyTorch files go through ``torch.load(weights_only=True, mmap=True)``: the pages it maps
-count toward RSS as tensors are read (clean file pages the kernel can drop), and legacy
-non-zip files cannot be mapped at all, so they are loaded whole. HDF5 goes through h5py.
+PyTorch files (`checkpoint_torch`) and HDF5 files (`checkpoint_hdf5`) have their own
+modules.
 """
 
 from __future__ import annotations
@@ -16,7 +15,6 @@ import json
 import math
 import os
 import struct
-import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from types import TracebackType
@@ -24,6 +22,7 @@ from typing import Any
 
 import ml_dtypes
 import numpy as np
+
 from ..errors import QmoeError
 
 _DTYPES: dict[str, np.dtype] = {
@@ -130,7 +129,7 @@ class TensorSource:
 
 
 @dataclass(frozen=True)
-class _Entry:
+class Entry:
     """What a format backend knows about a tensor before reading it."""
 
     name: str
@@ -141,15 +140,15 @@ class _Entry:
     problem: str = ""
 
 
-def _unreadable(name: str, file: str, shape: tuple[int, ...], problem: str) -> _Entry:
-    return _Entry(name, file, shape, None, None, problem)
+def unreadable(name: str, file: str, shape: tuple[int, ...], problem: str) -> Entry:
+    return Entry(name, file, shape, None, None, problem)
 
 
 class Checkpoint:
     """An open checkpoint; iterate ``tensors()`` and read each one as needed."""
 
     def __init__(
-        self, path: str, fmt: str, entries: list[_Entry], on_close: Callable[[], None]
+        self, path: str, fmt: str, entries: list[Entry], on_close: Callable[[], None]
     ) -> None:
         self.path = path
         self.format = fmt
@@ -205,10 +204,14 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     if suffix == ".safetensors":
         entries = sorted(_safetensors_file_entries(path), key=lambda e: e.name)
         return Checkpoint(path, "safetensors", entries, _nothing)
+    # The PyTorch and HDF5 readers are imported here: torch and h5py are slow to import and
+    # only their format needs them (torch is an optional extra).
     if suffix in _TORCH_SUFFIXES:
-        return Checkpoint(path, "torch", _torch_entries(path), _nothing)
+        from .checkpoint_torch import torch_entries
+        return Checkpoint(path, "torch", torch_entries(path), _nothing)
     if suffix in _HDF5_SUFFIXES:
-        entries, on_close = _hdf5_entries(path)
+        from .checkpoint_hdf5 import hdf5_entries
+        entries, on_close = hdf5_entries(path)
         return Checkpoint(path, "hdf5", entries, on_close)
     known = [".safetensors", *_TORCH_SUFFIXES, *_HDF5_SUFFIXES]
     raise CheckpointError(f"{path}: unknown extension {suffix!r}, expected one of {known}")
@@ -221,14 +224,14 @@ def _nothing() -> None:
 # --- safetensors -------------------------------------------------------------------
 
 
-def _safetensors_dir_entries(directory: str) -> list[_Entry]:
+def _safetensors_dir_entries(directory: str) -> list[Entry]:
     index_path = os.path.join(directory, _INDEX_NAME)
     if os.path.isfile(index_path):
         return _indexed_shard_entries(directory, index_path)
     shards = sorted(f for f in os.listdir(directory) if f.endswith(".safetensors"))
     if not shards:
         raise CheckpointError(f"{directory}: directory holds no *.safetensors files")
-    by_name: dict[str, _Entry] = {}
+    by_name: dict[str, Entry] = {}
     for shard in shards:
         for entry in _safetensors_file_entries(os.path.join(directory, shard)):
             if entry.name in by_name:
@@ -238,7 +241,7 @@ def _safetensors_dir_entries(directory: str) -> list[_Entry]:
     return [by_name[name] for name in sorted(by_name)]
 
 
-def _indexed_shard_entries(directory: str, index_path: str) -> list[_Entry]:
+def _indexed_shard_entries(directory: str, index_path: str) -> list[Entry]:
     try:
         with open(index_path, encoding="utf-8") as f:
             weight_map = json.load(f)["weight_map"]
@@ -248,7 +251,7 @@ def _indexed_shard_entries(directory: str, index_path: str) -> list[_Entry]:
             raise ValueError("weight_map is not a mapping of tensor name to file name")
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{index_path}: invalid index: {type(e).__name__}: {e}") from e
-    entries: list[_Entry] = []
+    entries: list[Entry] = []
     for shard in sorted(set(weight_map.values())):
         # Names from the index must stay inside the directory.
         if os.path.basename(shard) != shard or shard in ("", ".", ".."):
@@ -268,10 +271,10 @@ def _indexed_shard_entries(directory: str, index_path: str) -> list[_Entry]:
     return sorted(entries, key=lambda e: e.name)
 
 
-def _safetensors_file_entries(path: str) -> list[_Entry]:
+def _safetensors_file_entries(path: str) -> list[Entry]:
     header, data_start = _read_safetensors_header(path)
     file_size = os.path.getsize(path)
-    entries: list[_Entry] = []
+    entries: list[Entry] = []
     spans: list[tuple[int, int, str]] = []
     for name, info in header.items():
         if name == "__metadata__":
@@ -300,14 +303,14 @@ def _safetensors_file_entries(path: str) -> list[_Entry]:
         spans.append((begin, end, name))
         dtype = _FROM_SAFETENSORS.get(raw_dtype)
         if dtype is None:
-            entries.append(_unreadable(name, path, shape, f"unsupported dtype {raw_dtype}"))
+            entries.append(unreadable(name, path, shape, f"unsupported dtype {raw_dtype}"))
             continue
         if end - begin != math.prod(shape) * _DTYPES[dtype].itemsize:
             raise CheckpointError(
                 f"{path}: tensor {name!r}: {end - begin} bytes of data for {raw_dtype}{list(shape)}"
             )
         load = _safetensors_loader(path, data_start + begin, shape, dtype)
-        entries.append(_Entry(name, path, shape, dtype, load))
+        entries.append(Entry(name, path, shape, dtype, load))
     # As in the reference loader: tensors tile the data region, no gaps or overlaps.
     position = 0
     for begin, end, name in sorted(spans):
@@ -354,131 +357,3 @@ def _safetensors_loader(
         return array
 
     return load
-
-
-# --- PyTorch -----------------------------------------------------------------------
-
-
-def _torch_entries(path: str) -> list[_Entry]:
-    import torch  # imported here: it is slow to import and only this format needs it
-
-    try:
-        # mmap needs the zipfile format; legacy pickles are loaded into memory.
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-    except Exception as e:  # weights_only refusals, corrupt archives, I/O errors
-        problem = _torch_problem(e)
-        raise CheckpointError(f"{path}: cannot load as a PyTorch state dict: {problem}") from e
-    state = _find_state_dict(obj, path, torch.Tensor)
-    entries = []
-    for name, tensor in state.items():
-        if not isinstance(name, str):
-            raise CheckpointError(f"{path}: state dict key {name!r} is not a string")
-        dtype = str(tensor.dtype).removeprefix("torch.")
-        shape = tuple(tensor.shape)
-        if dtype not in _DTYPES or tensor.layout != torch.strided:
-            problem = f"unsupported dtype {tensor.dtype} / layout {tensor.layout}"
-            entries.append(_unreadable(name, path, shape, problem))
-        else:
-            entries.append(_Entry(name, path, shape, dtype, _torch_loader(tensor, dtype)))
-    return entries
-
-
-def _torch_problem(error: Exception) -> str:
-    # torch's refusal is a page of advice that ends in "set weights_only=False", which is
-    # exactly what we must not do; keep only its one-line diagnosis.
-    marker = "WeightsUnpickler error: "
-    text = str(error)
-    if marker in text:
-        detail = text.split(marker, 1)[1].split(". ", 1)[0]
-        return f"refused by weights_only unpickling, nothing was executed: {detail}"
-    return f"{type(error).__name__}: {text}"
-
-
-def _find_state_dict(obj: object, path: str, tensor_type: type) -> dict[Any, Any]:
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a dict of tensors")
-    if not all(isinstance(v, tensor_type) for v in obj.values()):
-        for key in ("state_dict", "model"):
-            if isinstance(obj.get(key), dict):
-                obj = obj[key]
-                break
-    for name, value in obj.items():
-        if not isinstance(value, tensor_type):
-            kind = type(value).__name__
-            raise CheckpointError(f"{path}: entry {name!r} is a {kind}, not a tensor")
-    return obj
-
-
-def _torch_loader(tensor: Any, dtype: str) -> Callable[[], np.ndarray]:
-    import torch
-
-    # Saved nn.Parameters come back requiring grad, which .numpy() refuses.
-    tensor = tensor.detach()
-
-    def load() -> np.ndarray:
-        if dtype == "bfloat16":  # numpy has no bfloat16: reinterpret the bits
-            source = tensor.view(torch.int16).numpy().view(_DTYPES[dtype])
-        else:
-            source = tensor.numpy()
-        # Copy so the result owns its memory instead of pinning the file mapping.
-        return np.array(source, dtype=_DTYPES[dtype], order="C", copy=True)
-
-    return load
-
-
-# --- HDF5 --------------------------------------------------------------------------
-
-
-def _hdf5_entries(path: str) -> tuple[list[_Entry], Callable[[], None]]:
-    import h5py
-
-    try:
-        h5 = h5py.File(path, "r")
-    except Exception as e:
-        raise CheckpointError(f"{path}: cannot open as HDF5: {type(e).__name__}: {e}") from e
-    datasets: dict[str, str] = {}
-    entries: list[_Entry] = []
-
-    def visit(h5_name: str, obj: object) -> None:
-        if not isinstance(obj, h5py.Dataset):
-            return
-        name = h5_name.replace("/", ".")
-        if name in datasets:
-            raise CheckpointError(
-                f"{path}: datasets /{datasets[name]} and /{h5_name} both map to tensor {name!r}"
-            )
-        datasets[name] = h5_name
-        entries.append(_hdf5_entry(path, name, obj))
-
-    try:
-        h5.visititems(visit)
-    except CheckpointError:
-        h5.close()
-        raise
-    except Exception as e:
-        h5.close()
-        raise CheckpointError(f"{path}: cannot list HDF5 datasets: {type(e).__name__}: {e}") from e
-    return entries, h5.close
-
-
-def _hdf5_entry(path: str, name: str, dataset: Any) -> _Entry:
-    if dataset.shape is None:
-        return _unreadable(name, path, (), "HDF5 dataset has a null dataspace")
-    shape = tuple(dataset.shape)
-    raw = dataset.dtype
-    # h5py stores ml_dtypes.bfloat16 as an untagged 2-byte opaque type, so read it back as such.
-    if raw.kind == "V" and raw.itemsize == 2 and raw.fields is None:
-        dtype = "bfloat16"
-    else:
-        try:
-            dtype = dtype_of(raw)
-        except ValueError:
-            return _unreadable(name, path, shape, f"unsupported dtype {raw}")
-
-    def load() -> np.ndarray:
-        # read_direct converts byte order on the way in, so there is a single buffer.
-        array = np.empty(shape, _DTYPES[dtype])
-        dataset.read_direct(array)
-        return array
-
-    return _Entry(name, path, shape, dtype, load)

@@ -40,6 +40,10 @@ class PackOptions:
             raise PackError(f"--kbit-codec must be auto, packed or dict16, not {self.kbit_codec!r}")
         if self.kbit_codec != "auto" and self.bits == C.TERNARY:
             raise PackError("--kbit-codec needs --bits 2, 3 or 4")
+        if self.method == "gptq" or self.bits != C.TERNARY:
+            # Before the store exists, so that a refused pack leaves nothing behind.
+            from .._torch import require_torch
+            require_torch("pack --method gptq" if self.method == "gptq" else f"pack --bits {self.bits}")
         if self.device != "cpu":
             self._check_device()
         if self.act_order is not None and self.method != "gptq":

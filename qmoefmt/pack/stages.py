@@ -95,8 +95,8 @@ def quantize(name: str, loaded: Loaded, options: PackOptions, calibration=None,
                          counts=np.bincount(sym.reshape(-1), minlength=3)[:3].astype(np.int64))
     if options.bits != C.TERNARY:
         from .._torch import require_torch
-        from ..quantize.grids import kbit_rtn
         torch = require_torch(f"pack --bits {options.bits}")
+        from ..quantize.grids import kbit_rtn
         q, scales, zeros = kbit_rtn(torch.from_numpy(rows), int(options.bits), options.group_size)
         return Quantized({"method": "rtn", "grid": "minmax-asymmetric"}, levels=q, scales=scales,
                          zeros=zeros)

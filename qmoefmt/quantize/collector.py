@@ -211,20 +211,7 @@ def _as_saved(model, hessians: dict, tokens: dict, shapes: dict) -> tuple[dict, 
                              f"{list(probe.shape)}); save with names='modules'")
         parts = []
         for rows in ([probe] if probe.dim() == 2 else list(probe)):
-            ids = rows.reshape(-1)
-            k = torch.searchsorted(bounds, ids, right=True) - 1
-            if not ids.numel() or (k != k[0]).any():
-                raise ValueError(f"{saved}: save_pretrained mixes rows of several collected "
-                                 "weights in it; save with names='modules'")
-            src = sources[int(k[0])]
-            shape = shapes[src]
-            expert = None
-            if len(shape) == 3:
-                e = torch.div(ids - starts[int(k[0])], shape[1], rounding_mode="floor")
-                if (e != e[0]).any():
-                    raise ValueError(f"{saved}: save_pretrained mixes rows of several experts "
-                                     f"of {src} in it; save with names='modules'")
-                expert = int(e[0])
+            src, expert = _probe_source(saved, rows, bounds, sources, starts, shapes)
             h = hessians[src] if expert is None else hessians[src][expert]
             # safetensors refuses to write one storage twice (w1 and w3 share expert e's).
             parts.append((h.clone() if (src, expert) in used else h,
@@ -239,3 +226,21 @@ def _as_saved(model, hessians: dict, tokens: dict, shapes: dict) -> tuple[dict, 
     if missing:
         raise ValueError(f"save_pretrained would not write collected weights {missing[:3]}")
     return out_h, out_t
+
+
+def _probe_source(saved: str, rows, bounds, sources: list, starts: list, shapes: dict):
+    """(collected weight, expert or None) that every row of one saved probe comes from."""
+    ids = rows.reshape(-1)
+    k = torch.searchsorted(bounds, ids, right=True) - 1
+    if not ids.numel() or (k != k[0]).any():
+        raise ValueError(f"{saved}: save_pretrained mixes rows of several collected "
+                         "weights in it; save with names='modules'")
+    src = sources[int(k[0])]
+    shape = shapes[src]
+    if len(shape) != 3:
+        return src, None
+    e = torch.div(ids - starts[int(k[0])], shape[1], rounding_mode="floor")
+    if (e != e[0]).any():
+        raise ValueError(f"{saved}: save_pretrained mixes rows of several experts "
+                         f"of {src} in it; save with names='modules'")
+    return src, int(e[0])

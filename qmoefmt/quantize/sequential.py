@@ -5,8 +5,8 @@ model whose earlier layers already hold their GPTQ weights, so later layers cali
 (and compensate) the error of earlier ones. The result is an ordinary calibration file
 (spec/calibration-v1.md) whose metadata key `sequential` records the GPTQ settings; `pack
 --method gptq --calibration FILE` with those settings recomputes exactly the weights this
-pass used, because the experts go through pack's own batched GPTQ (`pack._gptq_stacked`)
-with the same weights and the same Hessians.
+pass used, because the experts go through pack's own batched GPTQ
+(`expert_gptq.quantize_batch`) with the same weights and the same Hessians.
 
 Layers. An expert linear's step is given by `layer_key(weight_name)`. `default_layer_key`
 is its MoE layer: the module path up to the last component named `experts` (Switch,
@@ -147,28 +147,10 @@ def sequential_calibrate(
     groups = expert_layers(model, selector, layer_key)
     layer_of = {name: key for key, names in groups.items() for name in names}
     modules = {name: model.get_submodule(name.removesuffix(".weight")) for name in layer_of}
-    result = SequentialCalibration(
-        settings=settings.recorded,
-        layers=[])
-
-    first_use: list[str] = []
-
-    def seen(key: str):
-        def hook(_module, _inputs, _output):
-            if key not in first_use:
-                first_use.append(key)
-        return hook
+    result = SequentialCalibration(settings=settings.recorded, layers=[])
 
     t0 = time.perf_counter()
-    order_hooks = [modules[n].register_forward_hook(seen(layer_of[n])) for n in layer_of]
-    try:
-        with HessianCollector(model, layer_of.__contains__) as collector:
-            run(model)
-    finally:
-        for h in order_hooks:
-            h.remove()
-    order = first_use + [key for key in groups if key not in first_use]
-
+    order, collector = _first_pass(model, run, groups, layer_of, modules)
     for i, key in enumerate(order):
         names = groups[key]
         if i > 0:
@@ -181,18 +163,7 @@ def sequential_calibrate(
         del collector
 
         t1 = time.perf_counter()
-        layer_cal = _LayerCalibration(hessians, tokens)
-        by_shape: dict[tuple, list[str]] = {}
-        for name in names:
-            by_shape.setdefault(tuple(modules[name].weight.shape), []).append(name)
-        for same in by_shape.values():
-            # one batch per shape, as pack batches them (bit-identical to one at a time)
-            rows = [modules[n].weight.detach().to("cpu", torch.float32, copy=True).contiguous().numpy()
-                    for n in same]
-            for name, (gptq, quantizer) in zip(same, quantize_batch(same, rows, settings, layer_cal)):
-                weight = modules[name].weight
-                weight.copy_(gptq.dequantized.to(weight.device, weight.dtype))
-                result.status[name] = quantizer["status"]
+        _quantize_layer(names, modules, settings, _LayerCalibration(hessians, tokens), result)
         result.quantization_seconds += time.perf_counter() - t1
         result.hessians.update(hessians)
         result.tokens.update(tokens)
@@ -200,3 +171,40 @@ def sequential_calibrate(
         if progress:
             progress(i + 1, len(order), key)
     return result
+
+
+def _first_pass(model, run, groups: dict, layer_of: dict, modules: dict):
+    """The layers in order of first use, and a collector holding the first layer's
+    Hessians (one pass over the batches does both: the model is still dense)."""
+    first_use: list[str] = []
+
+    def seen(key: str):
+        def hook(_module, _inputs, _output):
+            if key not in first_use:
+                first_use.append(key)
+        return hook
+
+    order_hooks = [modules[n].register_forward_hook(seen(layer_of[n])) for n in layer_of]
+    try:
+        with HessianCollector(model, layer_of.__contains__) as collector:
+            run(model)
+    finally:
+        for h in order_hooks:
+            h.remove()
+    return first_use + [key for key in groups if key not in first_use], collector
+
+
+def _quantize_layer(names: list[str], modules: dict, settings: GPTQSettings, layer_cal,
+                    result: SequentialCalibration) -> None:
+    """GPTQ on one layer's experts, one batch per shape as pack batches them (bit-identical
+    to one at a time), written back into the model."""
+    by_shape: dict[tuple, list[str]] = {}
+    for name in names:
+        by_shape.setdefault(tuple(modules[name].weight.shape), []).append(name)
+    for same in by_shape.values():
+        rows = [modules[n].weight.detach().to("cpu", torch.float32, copy=True).contiguous().numpy()
+                for n in same]
+        for name, (gptq, quantizer) in zip(same, quantize_batch(same, rows, settings, layer_cal)):
+            weight = modules[name].weight
+            weight.copy_(gptq.dequantized.to(weight.device, weight.dtype))
+            result.status[name] = quantizer["status"]

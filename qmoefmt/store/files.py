@@ -10,10 +10,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import FormatError, LimitError, VersionError
+from ..errors import FormatError, LimitError
 from ..format import constants as C
 from ..format import metadata as M
-from ..format.constants import MAX_ELEMENTS, MAX_NODE_METADATA, MAX_RANK, MAX_ROOT_METADATA
+from ..format.constants import MAX_NODE_METADATA, MAX_ROOT_METADATA
+from ..format.records import check_shape, check_version
 
 
 def read_metadata(path: Path, limit: int, missing: str = "missing") -> bytes:
@@ -55,51 +56,6 @@ def read_root(root: Path) -> dict:
         raise FormatError(str(path), "attributes.qmoefmt is not an object")
     check_version(meta.get("format_version"), str(path))
     return meta
-
-
-def check_version(version, where: str) -> None:
-    if not isinstance(version, str):
-        raise FormatError(where, f"format_version {version!r} is not a string")
-    try:
-        major, minor = (int(x) for x in str(version).split("."))
-    except ValueError:
-        raise FormatError(where, f"format_version {version!r} is not MAJOR.MINOR") from None
-    if major != C.FORMAT_MAJOR:
-        raise VersionError(where, f"format_version {version} has major {major}; this reader "
-                                  f"reads major {C.FORMAT_MAJOR} only")
-
-
-def check_shape(value, where: str, field: str) -> tuple[int, ...]:
-    if not isinstance(value, list) or not all(isinstance(n, int) and not isinstance(n, bool)
-                                              for n in value):
-        raise FormatError(where, f"{field} is not a list of integers")
-    if len(value) > MAX_RANK:
-        raise LimitError(where, f"{field} has rank {len(value)}, limit is {MAX_RANK}")
-    if any(n < 0 for n in value):
-        raise FormatError(where, f"{field} has a negative dimension")
-    if math.prod(value) > MAX_ELEMENTS or any(n > MAX_ELEMENTS for n in value):
-        raise LimitError(where, f"{field} {value} exceeds {MAX_ELEMENTS} elements")
-    return tuple(value)
-
-
-def check_node_path(path, group: str, where: str) -> None:
-    """`<group>/<one segment>`, the segment not empty, '.' or '..' (spec §4.3)."""
-    ok = isinstance(path, str) and path.startswith(group + "/")
-    seg = path[len(group) + 1:] if ok else ""
-    if not ok or not seg or "/" in seg or seg in (".", "..") or "\\" in seg:
-        raise FormatError(where, f"bad path {path!r}")
-
-
-def check_arrays_index(arrays, where: str) -> None:
-    if not isinstance(arrays, dict) or not arrays:
-        raise FormatError(where, "arrays missing")
-    for name, desc in arrays.items():
-        if not isinstance(name, str) or not name or "/" in name or name in (".", ".."):
-            raise FormatError(where, f"bad array name {name!r}")
-        if (not isinstance(desc, dict) or not isinstance(desc.get("data_type"), str)
-                or not isinstance(desc.get("crc32c"), int) or isinstance(desc.get("crc32c"), bool)):
-            raise FormatError(where, f"array {name!r}: malformed descriptor")
-        check_shape(desc.get("shape"), f"{where}: array {name!r}", "shape")
 
 
 def check_array_file(root: Path, node: str, desc: dict, check_crc: bool = True,

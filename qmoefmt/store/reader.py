@@ -17,9 +17,9 @@ from ..dictionaries.tables import CODEWORDS, TABLES, Dictionary, validate_tables
 from ..errors import FormatError, IncompleteStoreError, LimitError, NotApplicableError
 from ..format import constants as C
 from ..format import metadata as M
-from ..format.constants import MAX_DICTIONARIES, MAX_NAME_BYTES, MAX_TENSORS
-from .files import (check_array_file, check_arrays_index, check_node_path, check_shape,
-                    file_size, load_json, read_root)
+from ..format import records as records_
+from ..format.constants import MAX_DICTIONARIES, MAX_TENSORS
+from .files import check_array_file, file_size, load_json, read_root
 
 
 class Tensor:
@@ -133,14 +133,7 @@ class Store:
             raise LimitError(where, f"{len(dicts)} dictionaries, limit is {MAX_DICTIONARIES}")
         self._dict_entries = {}
         for i, e in enumerate(dicts):
-            dw = f"{where}: dictionaries[{i}]"
-            if not isinstance(e, dict) or not isinstance(e.get("id"), str):
-                raise FormatError(dw, "not a dictionary entry with a string id")
-            check_node_path(e.get("path"), C.DICTIONARIES, dw)
-            check_arrays_index(e.get("arrays"), dw)
-            if not isinstance(e.get("params", {}), dict) or not isinstance(e.get("kind", ""), str):
-                raise FormatError(dw, "kind/params malformed")
-            self._dict_entries[e["id"]] = e
+            self._dict_entries[records_.dictionary_entry(e, i, where)] = e
         self._dicts: dict[str, Dictionary] = {}
 
     def _scan_finished(self) -> list[dict]:
@@ -167,26 +160,7 @@ class Store:
             raise LimitError(where, f"{len(records)} tensors, limit is {MAX_TENSORS}")
         out: dict[str, dict] = {}
         for i, r in enumerate(records):
-            if not isinstance(r, dict) or not isinstance(r.get("name"), str):
-                raise FormatError(where, f"tensors[{i}]: not a tensor record")
-            name = r["name"]
-            if len(name.encode()) > MAX_NAME_BYTES:
-                raise LimitError(where, f"tensors[{i}]: name longer than {MAX_NAME_BYTES} bytes")
-            tw = f"{where}: tensor {name!r}"
-            check_node_path(r.get("path"), C.TENSORS, tw)
-            check_shape(r.get("shape"), tw, "shape")
-            for key in ("codec", "dtype"):
-                if not isinstance(r.get(key), str):
-                    raise FormatError(tw, f"{key} is not a string")
-            if r["dtype"] not in C.STORED_DTYPE:
-                raise FormatError(tw, f"unknown dtype {r['dtype']!r}")
-            check_arrays_index(r.get("arrays"), tw)
-            if "dictionary" in r and not isinstance(r["dictionary"], str):
-                raise FormatError(tw, "dictionary is not a string")
-            counts = r.get("symbol_counts")
-            if counts is not None and not (isinstance(counts, list) and len(counts) == 3 and all(
-                    isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts)):
-                raise FormatError(tw, "symbol_counts is not 3 non-negative integers")
+            name = records_.tensor_record(r, i, where)
             if codecs.get(r["codec"]) is None:
                 # namespaced codec ids: a newer minor may add codecs; only that tensor is unreadable
                 r = dict(r, unknown_codec=True)

@@ -78,7 +78,6 @@ def verify(path, deep: bool = False, progress=None, on_open=None) -> list[Proble
                         "store is incomplete: its pack did not finish (use pack --resume)")]
     except QmoeError as e:
         return [Problem(getattr(e, "where", str(root)), getattr(e, "what", str(e)))]
-    meta = store.meta
     if on_open:
         on_open(len(store))
     used = {store.record(n)["codec"] for n in store}

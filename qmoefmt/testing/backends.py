@@ -1,0 +1,385 @@
+"""The suite every decode backend passes (as zarr-python's `testing/store.py` StoreTests
+does for stores). A backend's test module is one class:
+
+    class TestCudaBackend(DecodeBackendTests):
+        backend = "cuda"
+
+The expected results come from plain-numpy decoders written from the spec (§5.2 through
+the §5.6 tables, §12's bit order), never from another backend, plus the committed
+conformance vectors. Inputs reach a kernel the way the codecs pass them: through
+`stream.decode_symbols/decode_values` and `uint_packed.unpack_levels`, which validate
+first, or, to see the per-row status of every row, directly with arguments those
+functions would have accepted.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import ClassVar
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from .. import backends
+from ..backends.base import ROW_EXTRA_CODES, ROW_NONZERO_PAD, ROW_OK, ROW_SHORT, ROW_STATUS
+from ..codecs.uint_packed import row_bytes, unpack_levels
+from ..dictionaries import build_golomb, build_qmoe2023
+from ..dictionaries.stream import decode_symbols, decode_values, encode, row_offsets
+from ..dictionaries.tables import Dictionary
+from ..errors import FormatError
+from ..format.constants import CODEWORDS, KBIT_BITS
+from . import conformance
+
+# ------------------------------------------------------------------ reference decoders
+
+
+def reference_row(codes, cols: int, d: Dictionary, out: np.ndarray) -> int:
+    """Spec §5.2 for one row, reading the five stored tables: writes the row's nonzero
+    symbols into `out` (zeros, [cols]) and returns its ROW_* status."""
+    state = pos = 0
+    for c in codes:
+        if pos >= cols:
+            return ROW_EXTRA_CODES
+        for i in range(int(d.nnz[state, c])):
+            p = pos + int(d.nz_pos[state, c, i])
+            if p >= cols:
+                return ROW_NONZERO_PAD
+            out[p] = d.nz_sym[state, c, i]
+        pos += int(d.length[state, c])
+        state = int(d.next_state[state, c])
+    return ROW_SHORT if pos < cols else ROW_OK
+
+
+def reference_symbols(codes, row_codes, cols: int, d: Dictionary):
+    """-> (int8 [rows, cols] symbols, uint8 [rows] ROW_* status). A failed row holds what
+    was set before its error; backends need not agree on it."""
+    rows = len(row_codes)
+    out = np.zeros((rows, cols), np.int8)
+    status = np.zeros(rows, np.uint8)
+    o = 0
+    for r, n in enumerate(int(n) for n in row_codes):
+        status[r] = reference_row(codes[o:o + n].tolist(), cols, d, out[r])
+        o += n
+    return out, status
+
+
+def reference_values(symbols, lo, hi) -> np.ndarray:
+    """Spec §5.1: symbol 0, 1, 2 -> +0.0, lo[row], hi[row], as binary32."""
+    return np.where(symbols == 1, lo[:, None],
+                    np.where(symbols == 2, hi[:, None], np.float32(0))).astype(np.float32)
+
+
+def reference_pack(levels: np.ndarray, bits: int) -> np.ndarray:
+    """Spec §12: level i is bits i*b .. i*b + b - 1 of the row's bit string, least
+    significant first; bit j is bit j mod 8 of byte j div 8; padding bits are 0."""
+    rows, cols = levels.shape
+    b = ((levels[:, :, None].astype(np.uint8) >> np.arange(bits, dtype=np.uint8)) & 1)
+    b = b.reshape(rows, cols * bits)
+    b = np.pad(b, ((0, 0), (0, 8 * row_bytes(cols, bits) - cols * bits)))
+    return np.packbits(b, axis=1, bitorder="little")
+
+
+def reference_unpack(packed: np.ndarray, bits: int, cols: int):
+    """-> (uint8 [rows, cols] levels, bool [rows]: the row's padding bits are not zero)."""
+    rows = packed.shape[0]
+    b = np.unpackbits(packed, axis=1, bitorder="little")
+    lv = b[:, :cols * bits].reshape(rows, cols, bits)
+    levels = (lv << np.arange(bits, dtype=np.uint8)).sum(axis=2, dtype=np.uint8)
+    return levels, b[:, cols * bits:].any(axis=1)
+
+
+# ------------------------------------------------------------------ dictionaries
+
+
+@lru_cache(maxsize=1)
+def synthetic_dictionary() -> Dictionary:
+    """Valid tables (§5.6) that no construction of ours produces: 5 states, K = 32
+    nonzeros (entries from 0 to 32 of them), lengths up to 65535. Every dictionary we
+    build packs a codeword's entry into one 64-bit word; these need up to 11, so a
+    backend cannot pass by handling only the tables it has seen."""
+    rng = np.random.default_rng(20240613)
+    s, k = 5, 32
+    shape = (s, CODEWORDS)
+    nnz = rng.integers(0, k + 1, shape)
+    pos = np.cumsum(rng.integers(1, 5, shape + (k,), dtype=np.uint16), axis=2, dtype=np.uint16) - 1
+    used = np.arange(k) < nnz[..., None]
+    last = np.take_along_axis(pos, np.maximum(nnz - 1, 0)[..., None], axis=2)[..., 0]
+    length = np.where(nnz > 0, last.astype(np.int64) + 1, 1) + rng.integers(0, 16, shape)
+    length[rng.random(shape) < 0.002] = 65535
+    d = Dictionary(kind="synthetic", params={"seed": 20240613},
+                   length=length.astype(np.uint16),
+                   next_state=rng.integers(0, s, shape).astype(np.uint8),
+                   nnz=nnz.astype(np.uint8),
+                   nz_pos=np.where(used, pos, 0).astype(np.uint16),
+                   nz_sym=np.where(used, rng.integers(1, 3, shape + (k,), dtype=np.uint8), 0)
+                   .astype(np.uint8))
+    d.validate()
+    return d
+
+
+# build_golomb takes ~0.3-0.5 s a dictionary (lru_cached): a few P(0) across the ladder,
+# the densest with K = 10 nonzeros an entry, the sparsest with entries of hundreds of zeros.
+GOLOMB_P0 = (0.3208, 0.8808, 0.9707)
+BUILT = ("qmoe-2023",) + tuple(f"golomb-{p}" for p in GOLOMB_P0)
+ALL = BUILT + ("synthetic",)
+
+
+def dictionary(kind: str) -> Dictionary:
+    if kind == "qmoe-2023":
+        return build_qmoe2023()
+    if kind == "synthetic":
+        return synthetic_dictionary()
+    return build_golomb(float(kind.removeprefix("golomb-")))
+
+
+# ------------------------------------------------------------------ strategies
+
+# differing_executors: Hypothesis flags a test method run on instances of different
+# classes, which is this suite's design (a subclass a backend); an example that fails on
+# one backend is worth replaying on every other. too_slow, data_too_large: the wide rows.
+SETTINGS = settings(max_examples=20, deadline=None,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                           HealthCheck.differing_executors])
+
+WIDTHS = st.sampled_from([1, 2, 3, 5, 7, 27, 28, 29, 77, 255, 256, 257, 1025]) | st.integers(1, 700)
+
+
+@st.composite
+def symbol_matrices(draw):
+    """int8 [rows, cols] ternary symbols: 0 rows or 0 columns, odd widths, one column,
+    all-zero rows, rows of one symbol, any P(0); widths of 65536 and more (uint32
+    row_codes) in at most two rows."""
+    cols = draw(st.just(0) | WIDTHS | st.sampled_from([65535, 65536, 70001]))
+    rows = draw(st.integers(0, 2 if cols > 4096 else 6))
+    p0 = draw(st.sampled_from([0.0, 0.3, 0.75, 0.885, 0.97, 0.999, 1.0]) | st.floats(0.0, 1.0))
+    lo_share = draw(st.sampled_from([0.5, 0.0, 1.0]))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    sym = rng.choice(3, size=(rows, cols), p=[p0, (1 - p0) * lo_share, (1 - p0) * (1 - lo_share)])
+    if rows:
+        sym[draw(st.lists(st.integers(0, rows - 1), max_size=rows))] = 0
+    return sym.astype(np.int8)
+
+
+def scales(rng, rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """bf16-exact (lo, hi) per row with lo <= 0 <= hi, -0.0 and +0.0 among them."""
+    x = np.abs(rng.standard_normal((2, rows))).astype(np.float32) / 8
+    x = (x.view(np.uint32) >> 16 << 16).view(np.float32)      # truncated to bf16
+    lo, hi = -x[0], x[1].copy()
+    lo[::3] = -0.0
+    hi[1::3] = 0.0
+    return lo, hi
+
+
+def random_stream(rng, d: Dictionary, rows: int, cols: int, tweaks):
+    """Per row, random codewords until they cover the row (ends past it may put a nonzero
+    in the padding), then tweaked: "keep", "drop" the last codeword (too short), "append"
+    one (too long), or "garbage" (any count up to cols, any codewords).
+    -> (codes uint16, row_codes uint16)."""
+    codes, counts = [], []
+    for r in range(rows):
+        if tweaks[r] == "garbage":
+            row = rng.integers(0, CODEWORDS, int(rng.integers(0, cols + 1))).tolist()
+        else:
+            row, state, pos = [], 0, 0
+            while pos < cols:
+                c = int(rng.integers(0, CODEWORDS))
+                row.append(c)
+                pos += int(d.length[state, c])
+                state = int(d.next_state[state, c])
+            if tweaks[r] == "drop" and row:
+                row.pop()
+            elif tweaks[r] == "append" and len(row) < cols:
+                row.append(int(rng.integers(0, CODEWORDS)))
+        codes += row
+        counts.append(len(row))
+    return np.array(codes, np.uint16), np.array(counts, np.uint16)
+
+
+def stream_error(where: str, status: np.ndarray) -> str:
+    """The FormatError text the stream coder raises for these row statuses."""
+    bad = np.flatnonzero(status)
+    more = f" (and {bad.size - 1} more rows)" if bad.size > 1 else ""
+    return f"{where}: row {int(bad[0])}: {ROW_STATUS[int(status[bad[0]])]}{more}"
+
+
+# ------------------------------------------------------------------ the suite
+
+
+class DecodeBackendTests:
+    """Subclass with `backend` set to a registered DecodeBackend name."""
+
+    backend: ClassVar[str]
+
+    @property
+    def kernels(self) -> backends.DecodeBackend:
+        return backends.get(self.backend)
+
+    def test_registered(self):
+        assert isinstance(self.kernels, backends.DecodeBackend)
+        assert self.kernels.name == self.backend
+
+    # ---- ternary streams (§5.2)
+
+    @pytest.mark.parametrize("kind", BUILT)
+    @SETTINGS
+    @given(sym=symbol_matrices(), seed=st.integers(0, 2**32 - 1), uint32_counts=st.booleans())
+    def test_encoded_streams_decode_to_their_symbols(self, kind, sym, seed, uint32_counts):
+        d = dictionary(kind)
+        rows, cols = sym.shape
+        codes, rc = encode(sym, d)
+        if uint32_counts:
+            rc = rc.astype(np.uint32)        # readers accept uint32 at any width
+        want, status = reference_symbols(codes, rc, cols, d)
+        assert not status.any() and np.array_equal(want, sym)
+        got = decode_symbols(codes, rc, cols, d, backend=self.backend)
+        assert got.dtype == np.int8 and got.shape == (rows, cols)
+        assert np.array_equal(got, want)
+        lo, hi = scales(np.random.default_rng(seed), rows)
+        # NaN in `out` catches a kernel that leaves zeros unwritten
+        out = np.full((rows, cols), np.nan, np.float32)
+        got = decode_values(codes, rc, cols, d, lo, hi, out=out, backend=self.backend)
+        assert got is out
+        assert got.view(np.uint32).tobytes() == reference_values(want, lo, hi).view(np.uint32).tobytes()
+
+    @pytest.mark.parametrize("kind", ALL)
+    @SETTINGS
+    @given(rows=st.integers(1, 5), cols=WIDTHS, seed=st.integers(0, 2**32 - 1), data=st.data())
+    def test_any_stream_gets_the_reference_status_per_row(self, kind, rows, cols, seed, data):
+        """Random codewords: every row's status is the reference's, every row that
+        decodes holds the reference's symbols and values, and the stream coder raises
+        for the first failed row."""
+        d = dictionary(kind)
+        rng = np.random.default_rng(seed)
+        tweaks = data.draw(st.lists(st.sampled_from(["keep", "keep", "drop", "append", "garbage"]),
+                                    min_size=rows, max_size=rows))
+        codes, rc = random_stream(rng, d, rows, cols, tweaks)
+        want, want_status = reference_symbols(codes, rc, cols, d)
+        ok = want_status == ROW_OK
+        offsets = row_offsets(rc, codes.size, cols)
+        lo, hi = scales(rng, rows)
+
+        out = np.full((rows, cols), 7, np.int8)
+        status = np.zeros(rows, np.uint8)
+        self.kernels.ternary_symbols(codes, offsets, cols, d, out, status)
+        assert status.tolist() == want_status.tolist()
+        assert np.array_equal(out[ok], want[ok])
+        vals = np.full((rows, cols), np.nan, np.float32)
+        status = np.zeros(rows, np.uint8)
+        self.kernels.ternary_values(codes, offsets, cols, d, lo, hi, vals, status)
+        assert status.tolist() == want_status.tolist()
+        assert vals[ok].tobytes() == reference_values(want, lo, hi)[ok].tobytes()
+
+        if ok.all():
+            assert np.array_equal(decode_symbols(codes, rc, cols, d, "t", backend=self.backend), want)
+            return
+        for decode in (lambda: decode_symbols(codes, rc, cols, d, "t", backend=self.backend),
+                       lambda: decode_values(codes, rc, cols, d, lo, hi, "t", backend=self.backend)):
+            with pytest.raises(FormatError) as e:
+                decode()
+            assert str(e.value) == stream_error("t", want_status)
+
+    @pytest.mark.parametrize("kind", ALL)
+    def test_malformed_rows(self, kind):
+        """Rows too short, too long and with a nonzero in their padding, between rows
+        that decode: each gets its own status, and the error names the first."""
+        d = dictionary(kind)
+        # z: the longest state-0 entry of zeros only that returns to state 0; c: the
+        # state-0 entry whose first nonzero comes latest, at offset j. After z, c's
+        # nonzero lands exactly on the end of a row of length(z) + j symbols.
+        loops = np.flatnonzero((d.nnz[0] == 0) & (d.next_state[0] == 0))
+        z = int(loops[np.argmax(d.length[0, loops])])
+        first = np.where(d.nnz[0] > 0, d.nz_pos[0, :, 0], 0)
+        c = int(np.argmax(first))
+        j = int(first[c])
+        assert 1 <= j <= d.length[0, z]
+        cols = int(d.length[0, z]) + j
+        rows = [[z, z], [z], [z, z, z], [z, c], [z, z]]
+        want_status = [ROW_OK, ROW_SHORT, ROW_EXTRA_CODES, ROW_NONZERO_PAD, ROW_OK]
+        codes = np.array([x for r in rows for x in r], np.uint16)
+        rc = np.array([len(r) for r in rows], np.uint16)
+        assert reference_symbols(codes, rc, cols, d)[1].tolist() == want_status
+        out = np.full((len(rows), cols), 7, np.int8)
+        status = np.zeros(len(rows), np.uint8)
+        self.kernels.ternary_symbols(codes, row_offsets(rc, codes.size, cols), cols, d, out, status)
+        assert status.tolist() == want_status
+        assert not out[[0, 4]].any()
+        with pytest.raises(FormatError) as e:
+            decode_symbols(codes, rc, cols, d, "t", backend=self.backend)
+        assert str(e.value) == ("t: row 1: codewords expand to fewer symbols than the row "
+                                "width (and 2 more rows)")
+        for r in (2, 3):
+            one = np.array(rows[r], np.uint16)
+            with pytest.raises(FormatError) as e:
+                decode_values(one, np.array([one.size], np.uint16), cols, d,
+                              np.zeros(1, np.float32), np.zeros(1, np.float32), "t",
+                              backend=self.backend)
+            assert str(e.value) == f"t: row 0: {ROW_STATUS[want_status[r]]}"
+
+    @pytest.mark.parametrize("kind", BUILT)
+    @pytest.mark.parametrize("cols", [65536, 70001])
+    def test_wide_rows(self, kind, cols):
+        """uint32 row_codes: nonzeros at both ends, an all-zero row, a dense row."""
+        d = dictionary(kind)
+        rng = np.random.default_rng(cols)
+        sym = np.zeros((3, cols), np.int8)
+        sym[0, [0, 1, cols // 2, cols - 2, cols - 1]] = [2, 1, 1, 2, 1]
+        sym[2] = rng.choice(3, cols, p=[0.5, 0.25, 0.25])
+        codes, rc = encode(sym, d)
+        assert rc.dtype == np.uint32
+        want, status = reference_symbols(codes, rc, cols, d)
+        assert not status.any() and np.array_equal(want, sym)
+        assert np.array_equal(decode_symbols(codes, rc, cols, d, backend=self.backend), sym)
+        lo, hi = scales(rng, 3)
+        got = decode_values(codes, rc, cols, d, lo, hi, backend=self.backend)
+        assert got.tobytes() == reference_values(sym, lo, hi).tobytes()
+        # the dense row read one codeword short
+        rc2 = rc.copy()
+        rc2[2] -= 1
+        with pytest.raises(FormatError, match="row 2: codewords expand to fewer"):
+            decode_symbols(codes[:-1], rc2, cols, d, backend=self.backend)
+
+    # ---- bit-packed levels (§12)
+
+    @pytest.mark.parametrize("bits", KBIT_BITS)
+    @SETTINGS
+    @given(rows=st.integers(0, 6), cols=st.just(0) | WIDTHS, seed=st.integers(0, 2**32 - 1))
+    def test_unpack_levels(self, bits, rows, cols, seed):
+        rng = np.random.default_rng(seed)
+        levels = rng.integers(0, 1 << bits, (rows, cols)).astype(np.uint8)
+        if rows:
+            levels[rng.integers(0, rows)] = (1 << bits) - 1      # every bit set
+        packed = reference_pack(levels, bits)
+        assert np.array_equal(reference_unpack(packed, bits, cols)[0], levels)
+        got = unpack_levels(packed, bits, cols, backend=self.backend)
+        assert got.dtype == np.uint8 and got.shape == (rows, cols)
+        assert np.array_equal(got, levels)
+
+    @pytest.mark.parametrize("bits", KBIT_BITS)
+    @SETTINGS
+    @given(rows=st.integers(1, 6), cols=WIDTHS, seed=st.integers(0, 2**32 - 1))
+    def test_unpack_any_bytes(self, bits, rows, cols, seed):
+        """Random bytes: rows whose padding bits are set are flagged (only those), the
+        others hold the reference's levels, and unpack_levels names the first flagged."""
+        rng = np.random.default_rng(seed)
+        packed = rng.integers(0, 256, (rows, row_bytes(cols, bits)), dtype=np.uint8)
+        clean = rng.random(rows) < 0.5          # most random rows have padding bits set
+        packed[clean, -1] &= (1 << ((cols * bits - 1) % 8 + 1)) - 1
+        want, want_bad = reference_unpack(packed, bits, cols)
+        out = np.full((rows, cols), 0xFF, np.uint8)
+        bad = np.zeros(rows, np.uint8)
+        self.kernels.unpack_levels(packed, bits, cols, out, bad)
+        assert bad.astype(bool).tolist() == want_bad.tolist()
+        assert np.array_equal(out[~want_bad], want[~want_bad])
+        if not want_bad.any():
+            assert np.array_equal(unpack_levels(packed, bits, cols, "q", backend=self.backend), want)
+            return
+        with pytest.raises(FormatError) as e:
+            unpack_levels(packed, bits, cols, "q", backend=self.backend)
+        assert str(e.value) == f"q: row {int(np.argmax(want_bad))}: nonzero padding bits in q"
+
+    # ---- the committed fixture stores
+
+    @pytest.mark.parametrize("manifest,store", conformance.cases())
+    def test_fixture_stores_decode_to_the_conformance_vectors(self, manifest, store):
+        assert conformance.check_decodes(manifest, store, backend=self.backend) > 0

@@ -1,0 +1,37 @@
+"""Where the committed fixtures are (fixtures/README.md says what each holds): the one
+place their paths are spelled. They sit in the source tree beside the package, so they
+exist in a checkout (an editable install), not in an installed wheel."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..demo import CHECKOUT_MODEL
+
+REPO = Path(__file__).resolve().parents[2]
+FIXTURES = REPO / "fixtures"
+BROKEN = FIXTURES / "broken"
+MAKE_FIXTURES = REPO / "scripts" / "make_fixtures.py"
+
+# source checkpoints
+CHECKPOINTS = {name: FIXTURES / name / "model.safetensors" for name in ("switch-tiny", "edge")}
+CHECKPOINTS["moe-tiny"] = REPO / CHECKOUT_MODEL        # the bundled demo model
+
+# the committed stores, by the format version they declare
+TERNARY_STORES = ("switch-tiny.qmoe", "switch-tiny-qmoe2023.qmoe", "edge.qmoe",
+                  "edge-auto.qmoe")                                            # 1.0
+UINT_STORES = ("switch-tiny-2bit.qmoe", "edge-3bit-g16.qmoe")                  # 1.1
+UINT_DICT_STORES = ("switch-tiny-2bit-dict16.qmoe", "edge-2bit-g16-dict16.qmoe")  # 1.2
+STORES = TERNARY_STORES + UINT_STORES + UINT_DICT_STORES
+
+
+def store(name: str) -> Path:
+    """A committed store's directory (KeyError for a name that is not one, so a typo
+    fails loudly instead of testing a path that does not exist)."""
+    if name not in STORES:
+        raise KeyError(f"{name!r} is not a committed fixture store; known: {STORES}")
+    return FIXTURES / name
+
+
+def checkpoint(name: str) -> Path:
+    """A committed source checkpoint (KeyError for an unknown name)."""
+    return CHECKPOINTS[name]

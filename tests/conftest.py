@@ -1,0 +1,39 @@
+"""Markers, and the committed fixtures' paths as pytest fixtures. The paths are spelled
+once, in qmoefmt.testing.paths; module-level code that needs one before any fixture
+exists (a parametrize list, a skipif) imports it from there. Tests never import each
+other or this file: what they share lives in qmoefmt.testing."""
+from __future__ import annotations
+
+import pytest
+
+from qmoefmt.testing import paths
+
+# Labels only: nothing is skipped or deselected by default. `-m "not slow"` etc. select.
+MARKERS = {
+    "gpu": "needs a CUDA device (skips itself without one)",
+    "slow": "takes more than about 5 s on a CI core",
+    "hf": "needs Hugging Face transformers",
+}
+
+
+def pytest_configure(config):
+    for name, what in MARKERS.items():
+        config.addinivalue_line("markers", f"{name}: {what}")
+
+
+@pytest.fixture(scope="session")
+def broken_dir():
+    """fixtures/broken: copies of edge.qmoe with one defect each (cases.json)."""
+    return paths.BROKEN
+
+
+@pytest.fixture(scope="session")
+def fixture_store():
+    """name -> the committed store's directory (paths.STORES lists them)."""
+    return paths.store
+
+
+@pytest.fixture(scope="session")
+def fixture_checkpoint():
+    """name ("switch-tiny", "edge", "moe-tiny") -> the committed source checkpoint."""
+    return paths.checkpoint
