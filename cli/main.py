@@ -15,8 +15,7 @@ import click
 from tqdm import tqdm
 
 from qmoefmt import __version__
-from qmoefmt._torch import require_torch
-from qmoefmt.demo import CHECKOUT_MODEL, bundled_model_path
+from qmoefmt.demo import CHECKOUT_MODEL
 from qmoefmt.errors import QmoeError
 from qmoefmt.format.constants import GRIDS
 from qmoefmt.selection import PRESETS
@@ -150,70 +149,40 @@ def calibrate(output, model_path, tokens, sequential, bits, group_size, act_orde
     into OUTPUT (a calibration file, spec/calibration-v1.md) for `pack --method gptq`.
     Other PyTorch models: qmoefmt.calibration.HessianCollector, and for sequential mode
     qmoefmt.quantize.sequential.sequential_calibrate."""
-    torch = require_torch("qmoefmt calibrate")
-
-    from qmoefmt.quantize.collector import HessianCollector
-    from qmoefmt.demo.model import load_model, token_windows
-    from qmoefmt.pack import PackOptions
-    from qmoefmt.selection import ExpertSelector
-    from qmoefmt.demo.textdata import train_tokens
+    from qmoefmt.demo.calibrate import calibrate_bundled
 
     if not sequential and (bits, group_size, act_order) != (None, None, None):
         raise click.UsageError("--bits, --group-size and --act-order/--no-act-order need "
                                "--sequential")
-    bits = bits or "ternary"
-    if sequential:
-        # Fail on bad settings before minutes of calibration, with pack's own messages.
-        PackOptions(preset="switch", method="gptq", bits=bits, group_size=group_size,
-                    calibration=output, act_order=act_order).validate()
-    model = load_model(model_path or bundled_model_path()).eval()
-    ctx = model.config.context
-    windows = token_windows(train_tokens(), ctx)[:, :-1]
-    windows = windows[: max(1, -(-tokens // ctx))]
-    batches = torch.split(windows, 16)
-    selector = ExpertSelector(preset="switch")
-    if sequential:
-        from qmoefmt.quantize.sequential import expert_layers, sequential_calibrate, sublayer_key
+    bars = []
 
-        passes = len(expert_layers(model, selector, sublayer_key))
-        with _bar(passes * len(batches), "batch", "calibrate") as bar:
-            def run(m):
-                for b in batches:
-                    m(b)
-                    bar.update(1)
-            c = sequential_calibrate(model, run, selector, bits=bits, group_size=group_size,
-                                     act_order=act_order)
-        c.save(output)
-    else:
-        with HessianCollector(model, selector) as c, torch.no_grad(), \
-                _bar(len(batches), "batch", "calibrate") as bar:
-            for b in batches:
-                model(b)
-                bar.update(1)
-            c.save(output)
-    idle = sorted(n for n, k in c.tokens.items() if k == 0)
-    summary = {"output": output, "experts": len(c.tokens), "tokens": int(windows.numel()),
-               "experts_without_tokens": idle}
-    if sequential:
-        st = list(c.status.values())
-        summary.update(sequential=c.settings, layers=[key for key, _ in c.layers],
-                       status={s: st.count(s) for s in sorted(set(st))},
-                       calibration_seconds=c.calibration_seconds,
-                       quantization_seconds=c.quantization_seconds)
+    def progress(total):
+        bars.append(_bar(total, "batch", "calibrate"))
+        return bars[-1].update
+    try:
+        summary = calibrate_bundled(output, model_path=model_path, tokens=tokens,
+                                    sequential=sequential, bits=bits or "ternary",
+                                    group_size=group_size, act_order=act_order,
+                                    progress=progress)
+    finally:
+        for bar in bars:
+            bar.close()
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return
-    click.echo(f"wrote Hessians of {len(c.tokens)} experts from {windows.numel():,} tokens "
-               f"to {output}" + (f"; {len(idle)} experts got no tokens (they will be "
-                                 "rounded to nearest)" if idle else ""))
+    idle = summary["experts_without_tokens"]
+    click.echo(f"wrote Hessians of {summary['experts']} experts from {summary['tokens']:,} "
+               f"tokens to {output}" + (f"; {len(idle)} experts got no tokens (they will be "
+                                        "rounded to nearest)" if idle else ""))
     if sequential:
-        s = c.settings
+        s = summary["sequential"]
         flags = (f"--bits {s['bits']}" + (f" --group-size {s['group_size']}" if s["group_size"]
                                           else "")
                  + (" --act-order" if s["act_order"] else " --no-act-order"))
-        click.echo(f"sequential: {len(c.layers)} layers quantized in turn "
-                   f"({c.calibration_seconds:.1f} s calibrating, "
-                   f"{c.quantization_seconds:.1f} s GPTQ); pack it with --method gptq {flags}")
+        click.echo(f"sequential: {len(summary['layers'])} layers quantized in turn "
+                   f"({summary['calibration_seconds']:.1f} s calibrating, "
+                   f"{summary['quantization_seconds']:.1f} s GPTQ); pack it with "
+                   f"--method gptq {flags}")
 
 
 @main.command()
