@@ -43,6 +43,14 @@ class DecodeBackend:
         """As `ternary_symbols`, writing float32 0, lo[r] or hi[r]."""
         raise NotImplementedError
 
+    def ternary_matmul(self, codes: np.ndarray, offsets: np.ndarray, cols: int, d,
+                       lo: np.ndarray, hi: np.ndarray, xt: np.ndarray, y: np.ndarray,
+                       status: np.ndarray) -> None:
+        """Y = X W^T with W the rows of a §5.2 stream (as `ternary_values` would decode
+        them), never materialised: xt float32 [cols, batch] is X transposed, y float32
+        [batch, rows]; fp32 accumulation; status as in `ternary_symbols`."""
+        raise NotImplementedError
+
     def unpack_levels(self, packed: np.ndarray, bits: int, cols: int, out: np.ndarray,
                       bad: np.ndarray) -> None:
         """§12 bit-packed rows [rows, ceil(cols * bits / 8)] -> out uint8 [rows, cols];

@@ -87,6 +87,118 @@ def _decode_values(codes, offsets, cols, rec, lb, kb, s0, sp, chain, lo, hi, out
                                 lo[r], hi[r], 1)
 
 
+@nb.njit(**_SEQ)
+def _dot_row(codes, start, n, cols, rec, lb, kb, s0, sp, chain, xt, acc):
+    """One row of Y = X W^T without W: acc[0, :] += X[:, p] for every lo symbol at column
+    p, acc[1, :] for every hi one (xt is X transposed, [cols, batch], so a nonzero adds a
+    contiguous run of batch values). Bounds as in _decode_row. Returns a ROW_* status."""
+    one = np.uint64(1)
+    lmask = (one << np.uint64(lb)) - one
+    kmask = (one << np.uint64(kb)) - one
+    ulb = np.uint64(lb)
+    width = np.uint64(lb + 1)
+    head = np.uint64(lb + kb)
+    batch = xt.shape[1]
+    state = 0
+    pos = 0
+    for j in range(n):
+        if pos >= cols:
+            return ROW_EXTRA_CODES
+        e = (state << 16) | codes[start + j]
+        c = chain[e]
+        state = c & 0xFF
+        length = np.int64(c >> 8)
+        x = rec[e, 0]
+        nnz = np.int64((x >> ulb) & kmask)
+        x >>= head
+        left = s0
+        word = 0
+        for _ in range(nnz):
+            if left == 0:
+                word += 1
+                x = rec[e, word]
+                left = sp
+            p = pos + np.int64(x & lmask)
+            h = np.int64((x >> ulb) & one)
+            x >>= width
+            left -= 1
+            if p >= cols:
+                return ROW_NONZERO_PAD
+            for b in range(batch):
+                acc[h, b] += xt[p, b]
+        pos += length
+    if pos < cols:
+        return ROW_SHORT
+    return ROW_OK
+
+
+@nb.njit(**_SEQ)
+def _dot_row1(codes, start, n, cols, rec, lb, kb, s0, sp, chain, x1, lo, hi):
+    """_dot_row for one input vector, the sums in registers: -> (ROW_* status, y). The
+    selects are multiplications by 0/1 (exact), so no branch depends on the data."""
+    one = np.uint64(1)
+    lmask = (one << np.uint64(lb)) - one
+    kmask = (one << np.uint64(kb)) - one
+    ulb = np.uint64(lb)
+    width = np.uint64(lb + 1)
+    head = np.uint64(lb + kb)
+    slo = np.float32(0.0)
+    shi = np.float32(0.0)
+    state = 0
+    pos = 0
+    for j in range(n):
+        if pos >= cols:
+            return ROW_EXTRA_CODES, np.float32(0.0)
+        e = (state << 16) | codes[start + j]
+        c = chain[e]
+        state = c & 0xFF
+        length = np.int64(c >> 8)
+        x = rec[e, 0]
+        nnz = np.int64((x >> ulb) & kmask)
+        x >>= head
+        left = s0
+        word = 0
+        for _ in range(nnz):
+            if left == 0:
+                word += 1
+                x = rec[e, word]
+                left = sp
+            p = pos + np.int64(x & lmask)
+            h = np.float32((x >> ulb) & one)
+            x >>= width
+            left -= 1
+            if p >= cols:
+                return ROW_NONZERO_PAD, np.float32(0.0)
+            v = x1[p]
+            shi += v * h
+            slo += v - v * h
+        pos += length
+    if pos < cols:
+        return ROW_SHORT, np.float32(0.0)
+    return ROW_OK, lo * slo + hi * shi
+
+
+@nb.njit(**_PAR)
+def _ternary_matmul(codes, offsets, cols, rec, lb, kb, s0, sp, chain, lo, hi, xt, y, status,
+                    blocks):
+    """Rows in `blocks` contiguous blocks (a few per thread), each with one accumulator."""
+    rows = offsets.shape[0] - 1
+    batch = xt.shape[1]
+    for k in nb.prange(blocks):
+        acc = np.empty((2, batch), np.float32)
+        for r in range(k * rows // blocks, (k + 1) * rows // blocks):
+            if batch == 1:
+                status[r], y[0, r] = _dot_row1(codes, offsets[r], offsets[r + 1] - offsets[r],
+                                               cols, rec, lb, kb, s0, sp, chain, xt[:, 0],
+                                               lo[r], hi[r])
+                continue
+            acc[:] = 0
+            status[r] = _dot_row(codes, offsets[r], offsets[r + 1] - offsets[r], cols,
+                                 rec, lb, kb, s0, sp, chain, xt, acc)
+            for b in range(batch):
+                y[b, r] = lo[r] * acc[0, b] + hi[r] * acc[1, b]
+
+
 @nb.njit(**_PAR)
 def _unpack(packed, bits, cols, out, bad):
     rows = packed.shape[0]
@@ -116,6 +228,11 @@ class NumbaCPU(DecodeBackend):
     def ternary_values(self, codes, offsets, cols, d, lo, hi, out, status) -> None:
         _decode_values(codes, offsets, cols, *d.runtime_records(), d.runtime_chain(), lo, hi,
                        out, status)
+
+    def ternary_matmul(self, codes, offsets, cols, d, lo, hi, xt, y, status) -> None:
+        rows = offsets.shape[0] - 1
+        _ternary_matmul(codes, offsets, cols, *d.runtime_records(), d.runtime_chain(), lo, hi,
+                        xt, y, status, min(rows, 8 * nb.get_num_threads()))
 
     def unpack_levels(self, packed, bits, cols, out, bad) -> None:
         _unpack(np.ascontiguousarray(packed), bits, cols, out, bad)

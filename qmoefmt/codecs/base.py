@@ -47,6 +47,8 @@ class Codec:
     uses_dictionary: ClassVar[bool] = False
     # arrays whose bytes are bfloat16 bits, declared as such in their zarr.json (spec §7)
     bfloat16_arrays: ClassVar[tuple[str, ...]] = ()
+    # float dtypes that hold every value decode() gives exactly
+    exact_dtypes: ClassVar[tuple[str, ...]] = ("float32", "float64")
 
     def logical_dtype(self, array: str, dtype: str) -> str | None:
         """The logical dtype an array declares when its stored data_type does not say it."""
@@ -56,12 +58,15 @@ class Codec:
         """Expected data types and shapes of every array, from the validated record."""
         raise NotImplementedError
 
-    def decode(self, t: TensorArrays, check_crc: bool = True, backend=None) -> np.ndarray:
+    def decode(self, t: TensorArrays, check_crc: bool = True, backend=None,
+               rows: slice | None = None) -> np.ndarray:
         """float32 [rows, cols]: the weights, dequantized (coded ones by the decode
-        backend named `backend`, None for the default)."""
+        backend named `backend`, None for the default); `rows` a contiguous range of the
+        [prod(shape[:-1]), cols] view, all by default."""
         raise NotImplementedError
 
-    def symbols(self, t: TensorArrays, check_crc: bool = True, backend=None) -> np.ndarray:
+    def symbols(self, t: TensorArrays, check_crc: bool = True, backend=None,
+                rows: slice | None = None) -> np.ndarray:
         """[rows, cols] of what the codec quantized to (ternary symbols or levels)."""
         raise NotApplicableError(f"{t.name} is stored {self.id}; it has no symbols (use decode())")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..format import constants as C
+from ..dictionaries.stream import row_range
 from .base import ArraySpec, Codec, TensorArrays
 
 
@@ -27,8 +28,12 @@ class Dense(Codec):
             return a.view(ml_dtypes.bfloat16)
         return a
 
-    def decode(self, t: TensorArrays, check_crc: bool = True, backend=None) -> np.ndarray:
-        return np.asarray(self.native(t, check_crc), dtype=np.float32)
+    def decode(self, t: TensorArrays, check_crc: bool = True, backend=None,
+               rows: slice | None = None) -> np.ndarray:
+        a = self.native(t, check_crc)
+        if rows is not None:
+            a = a.reshape(t.rows_cols)[slice(*row_range(rows, t.rows_cols[0]))]
+        return np.asarray(a, dtype=np.float32)
 
     def encode(self, a: np.ndarray, dtype: str) -> tuple[dict, dict]:
         """(record members, arrays {name: (ndarray, logical dtype)}) of a source tensor."""

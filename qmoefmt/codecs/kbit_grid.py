@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..dictionaries.stream import row_range
 from ..errors import FormatError
 from ..format import bf16
 from ..format import constants as C
@@ -23,6 +24,9 @@ def dequantize(levels: np.ndarray, scales: np.ndarray, zeros: np.ndarray, group_
 
 class KbitGrid(Codec):
     bfloat16_arrays = ("scales",)
+    # scale * (level - zero): a bf16 scale times up to 15 needs 12 significant bits, more
+    # than bfloat16 (8) or float16 (11) hold
+    exact_dtypes = ("float32", "float64")
 
     def params(self, t: TensorArrays) -> tuple[int, int]:
         """(bits, groups), validated."""
@@ -36,27 +40,32 @@ class KbitGrid(Codec):
         return {"scales": ArraySpec(("uint16",), (rows, groups)),
                 "zeros": ArraySpec(("uint8",), (rows, groups))}
 
-    def levels(self, t: TensorArrays, zeros: np.ndarray, check_crc: bool, backend) -> np.ndarray:
-        """uint8 [rows, cols] levels, validated against the zero points."""
+    def levels(self, t: TensorArrays, zeros: np.ndarray, check_crc: bool, backend,
+               rows: tuple[int, int]) -> np.ndarray:
+        """uint8 levels of rows [a, b), validated against their zero points `zeros`."""
         raise NotImplementedError
 
-    def grid(self, t: TensorArrays, check_crc: bool = True, backend=None):
-        """(levels, scales float32, zeros), validated."""
+    def grid(self, t: TensorArrays, check_crc: bool = True, backend=None,
+             rows: slice | None = None):
+        """(levels, scales float32, zeros) of the rows selected, validated."""
         bits, _ = self.params(t)
+        a, b = row_range(rows, t.rows_cols[0])
         zeros = np.asarray(t.array("zeros", check_crc))
         if zeros.size and int(zeros.max()) >= (1 << bits):
             raise FormatError(f"{t.where}/zeros", f"zero point >= 2**{bits}")
-        levels = self.levels(t, zeros, check_crc, backend)
-        scales = bf16.to_float32(t.array("scales", check_crc))
+        levels = self.levels(t, zeros[a:b], check_crc, backend, (a, b))
+        scales = bf16.to_float32(t.array("scales", check_crc)[a:b])
         if not np.isfinite(scales).all():
             raise FormatError(f"{t.where}/scales", "scales must be finite")
-        return levels, scales, zeros
+        return levels, scales, zeros[a:b]
 
-    def symbols(self, t: TensorArrays, check_crc: bool = True, backend=None) -> np.ndarray:
-        return self.grid(t, check_crc, backend)[0]
+    def symbols(self, t: TensorArrays, check_crc: bool = True, backend=None,
+                rows: slice | None = None) -> np.ndarray:
+        return self.grid(t, check_crc, backend, rows)[0]
 
-    def decode(self, t: TensorArrays, check_crc: bool = True, backend=None) -> np.ndarray:
-        levels, scales, zeros = self.grid(t, check_crc, backend)
+    def decode(self, t: TensorArrays, check_crc: bool = True, backend=None,
+               rows: slice | None = None) -> np.ndarray:
+        levels, scales, zeros = self.grid(t, check_crc, backend, rows)
         return dequantize(levels, scales, zeros, t.record["group_size"])
 
     def grid_arrays(self, scales_bits: np.ndarray, zeros: np.ndarray) -> dict:

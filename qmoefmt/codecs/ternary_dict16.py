@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..dictionaries.stream import decode_symbols, decode_values, encode
+from ..dictionaries.stream import decode_symbols, decode_values, encode, matmul_values
 from ..errors import FormatError
 from ..format import bf16
 from ..format import constants as C
@@ -17,6 +17,7 @@ class TernaryDict16(DictionaryCoded):
     since = "1.0"
     arrays = ("codes", "row_codes", "scales")
     bfloat16_arrays = ("scales",)
+    exact_dtypes = ("bfloat16", "float32", "float64")     # the values are the bf16 scales
 
     def array_specs(self, t: TensorArrays) -> dict[str, ArraySpec]:
         rows, _ = t.rows_cols
@@ -32,14 +33,25 @@ class TernaryDict16(DictionaryCoded):
                               f"row {int(np.argmax(bad))}: scales must be finite with lo <= 0 <= hi")
         return lo, hi
 
-    def symbols(self, t: TensorArrays, check_crc: bool = True, backend=None) -> np.ndarray:
+    def symbols(self, t: TensorArrays, check_crc: bool = True, backend=None,
+                rows: slice | None = None) -> np.ndarray:
         codes, rc, d = self.coded(t, check_crc)
-        return decode_symbols(codes, rc, t.rows_cols[1], d, t.where, backend=backend)
+        return decode_symbols(codes, rc, t.rows_cols[1], d, t.where, backend=backend, rows=rows)
 
-    def decode(self, t: TensorArrays, check_crc: bool = True, backend=None) -> np.ndarray:
+    def decode(self, t: TensorArrays, check_crc: bool = True, backend=None,
+               rows: slice | None = None) -> np.ndarray:
         codes, rc, d = self.coded(t, check_crc)
         lo, hi = self.scales(t, check_crc)
-        return decode_values(codes, rc, t.rows_cols[1], d, lo, hi, t.where, backend=backend)
+        return decode_values(codes, rc, t.rows_cols[1], d, lo, hi, t.where, backend=backend,
+                             rows=rows)
+
+    def matmul(self, t: TensorArrays, x: np.ndarray, check_crc: bool = True,
+               backend=None) -> np.ndarray:
+        """Y = X W^T from the codewords: per row only two sums, of the inputs under lo
+        symbols and of those under hi."""
+        codes, rc, d = self.coded(t, check_crc)
+        lo, hi = self.scales(t, check_crc)
+        return matmul_values(codes, rc, t.rows_cols[1], d, lo, hi, x, t.where, backend=backend)
 
     def check_params(self, t: TensorArrays) -> None:
         self.scales(t, check_crc=False)

@@ -47,9 +47,10 @@ def split(levels: np.ndarray, zeros: np.ndarray, group_size: int, d: np.ndarray 
 
 def merge(ternary: np.ndarray, zeros: np.ndarray, group_size: int, bits: int,
           row_escapes: np.ndarray, escape_cols: np.ndarray, escape_levels: np.ndarray,
-          where: str = "tensor") -> np.ndarray:
+          where: str = "tensor", first_row: int = 0) -> np.ndarray:
     """The levels (uint8 [rows, cols]) back, after checking every escape and level against
-    spec §13; any inconsistency is a FormatError naming `where`, never a wrong level."""
+    spec §13; any inconsistency is a FormatError naming `where` and the row (counted from
+    `first_row`, for a slice of the tensor), never a wrong level."""
     if bits not in C.KBIT_BITS:
         raise FormatError(where, f"bits {bits!r} not one of {C.KBIT_BITS}")
     rows, cols = ternary.shape
@@ -63,22 +64,22 @@ def merge(ternary: np.ndarray, zeros: np.ndarray, group_size: int, bits: int,
                                  f"escape_levels {list(lev_e.shape)} do not fit {rows} rows")
     if rows and int(counts.max(initial=0)) > cols:
         r = int(np.argmax(counts > cols))
-        raise FormatError(where, f"row {r}: {int(counts[r])} escapes in a row of {cols} columns")
+        raise FormatError(where, f"row {first_row + r}: {int(counts[r])} escapes in a row of {cols} columns")
     if int(counts.sum()) != n:
         raise FormatError(where, f"row_escapes sum to {int(counts.sum())} but escape_cols holds {n}")
     row_of = np.repeat(np.arange(rows), counts)
     if n:
         if int(cols_e.max()) >= cols:
             k = int(np.argmax(cols_e >= cols))
-            raise FormatError(where, f"row {int(row_of[k])}: escape column {int(cols_e[k])} >= {cols}")
+            raise FormatError(where, f"row {first_row + int(row_of[k])}: escape column {int(cols_e[k])} >= {cols}")
         same_row = row_of[1:] == row_of[:-1]
         bad = same_row & (cols_e[1:] <= cols_e[:-1])
         if bad.any():
             k = int(np.argmax(bad)) + 1
-            raise FormatError(where, f"row {int(row_of[k])}: escape columns not strictly increasing")
+            raise FormatError(where, f"row {first_row + int(row_of[k])}: escape columns not strictly increasing")
         if int(lev_e.max()) > maxq:
             k = int(np.argmax(lev_e > maxq))
-            raise FormatError(where, f"row {int(row_of[k])}: escape level {int(lev_e[k])} >= 2**{bits}")
+            raise FormatError(where, f"row {first_row + int(row_of[k])}: escape level {int(lev_e[k])} >= 2**{bits}")
     zp = _zero_points(zeros, cols, group_size)
     t = np.asarray(ternary)
     levels = zp + (t == 2).astype(np.int16) - (t == 1).astype(np.int16)
@@ -88,7 +89,7 @@ def merge(ternary: np.ndarray, zeros: np.ndarray, group_size: int, bits: int,
         bad = (np.abs(d) < 2) | ((d > 0) != (sym == 2)) | (sym == 0)
         if bad.any():
             k = int(np.argmax(bad))
-            raise FormatError(where, f"row {int(row_of[k])}, column {int(cols_e[k])}: escape level "
+            raise FormatError(where, f"row {first_row + int(row_of[k])}, column {int(cols_e[k])}: escape level "
                                      f"{int(lev_e[k])} with zero point {int(zp[row_of[k], cols_e[k]])} "
                                      f"and ternary symbol {int(sym[k])} (must be >= 2 steps away, "
                                      "on the symbol's side)")
@@ -96,7 +97,7 @@ def merge(ternary: np.ndarray, zeros: np.ndarray, group_size: int, bits: int,
     out = (levels < 0) | (levels > maxq)
     if out.any():
         r, c = (int(i[0]) for i in np.nonzero(out))
-        raise FormatError(where, f"row {r}, column {c}: ternary symbol {int(t[r, c])} with zero "
+        raise FormatError(where, f"row {first_row + r}, column {c}: ternary symbol {int(t[r, c])} with zero "
                                  f"point {int(zp[r, c])} gives a level outside 0..{maxq}")
     return levels.astype(np.uint8)
 
@@ -121,13 +122,24 @@ class UintDict16(KbitGrid, DictionaryCoded):
                 "escape_cols": ArraySpec((idx,)), "escape_levels": ArraySpec(("uint8",)),
                 **self.grid_specs(t)}
 
-    def levels(self, t: TensorArrays, zeros: np.ndarray, check_crc: bool, backend) -> np.ndarray:
+    def levels(self, t: TensorArrays, zeros: np.ndarray, check_crc: bool, backend,
+               rows: tuple[int, int]) -> np.ndarray:
         bits, _ = self.params(t)
+        a, b = rows
         codes, rc, d = self.coded(t, check_crc)
-        ternary = decode_symbols(codes, rc, t.rows_cols[1], d, t.where, backend=backend)
-        return merge(ternary, zeros, t.record["group_size"], bits,
-                     *(t.array(a, check_crc) for a in ("row_escapes", "escape_cols",
-                                                       "escape_levels")), t.where)
+        ternary = decode_symbols(codes, rc, t.rows_cols[1], d, t.where, backend=backend,
+                                 rows=slice(a, b))
+        counts, cols_e, levels_e = (t.array(n, check_crc) for n in ("row_escapes", "escape_cols",
+                                                                    "escape_levels"))
+        ends = np.cumsum(counts, dtype=np.int64)
+        if (a, b) != (0, len(counts)):
+            if counts.size and int(ends[-1]) != len(cols_e):
+                raise FormatError(t.where, f"row_escapes sum to {int(ends[-1])} but escape_cols "
+                                           f"holds {len(cols_e)}")
+            e0, e1 = (int(ends[i - 1]) if i else 0 for i in (a, b))
+            counts, cols_e, levels_e = counts[a:b], cols_e[e0:e1], levels_e[e0:e1]
+        return merge(ternary, zeros, t.record["group_size"], bits, counts, cols_e, levels_e,
+                     t.where, first_row=a)
 
     def ternary_stream(self, t: TensorArrays, symbols: np.ndarray) -> np.ndarray:
         # symbols() checked every escape against the stream; the stream is the signs

@@ -75,9 +75,11 @@ class UintPacked(KbitGrid):
         bits, _ = self.params(t)
         return {"q": ArraySpec(("uint8",), (rows, row_bytes(cols, bits))), **self.grid_specs(t)}
 
-    def levels(self, t: TensorArrays, zeros: np.ndarray, check_crc: bool, backend) -> np.ndarray:
+    def levels(self, t: TensorArrays, zeros: np.ndarray, check_crc: bool, backend,
+               rows: tuple[int, int]) -> np.ndarray:
         bits, _ = self.params(t)
-        return unpack_levels(t.array("q", check_crc), bits, t.rows_cols[1], t.where, backend)
+        q = t.array("q", check_crc)[rows[0]:rows[1]]
+        return unpack_levels(q, bits, t.rows_cols[1], t.where, backend)
 
     def check(self, t: TensorArrays, deep: bool) -> None:
         if deep:

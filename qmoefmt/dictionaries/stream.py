@@ -199,43 +199,80 @@ def row_offsets(row_codes: np.ndarray, n_codes: int, cols: int, where: str = "te
     return offsets
 
 
-def _raise_status(status: np.ndarray, where: str) -> None:
+def row_range(rows: slice | None, n: int) -> tuple[int, int]:
+    """[start, stop) of a contiguous row selection (step 1) of n rows."""
+    if rows is None:
+        return 0, n
+    if not isinstance(rows, slice) or rows.step not in (None, 1):
+        raise ValueError(f"rows must be a slice with step 1, not {rows!r}")
+    start, stop, _ = rows.indices(n)
+    return start, max(start, stop)
+
+
+def _raise_status(status: np.ndarray, where: str, first: int = 0) -> None:
     bad = np.flatnonzero(status)
     if bad.size:
         r = int(bad[0])
         more = f" (and {bad.size - 1} more rows)" if bad.size > 1 else ""
-        raise FormatError(where, f"row {r}: {ROW_STATUS[int(status[r])]}{more}")
+        raise FormatError(where, f"row {first + r}: {ROW_STATUS[int(status[r])]}{more}")
 
 
 def decode_symbols(codes: np.ndarray, row_codes: np.ndarray, cols: int, d: Dictionary,
-                   where: str = "tensor", backend=None) -> np.ndarray:
-    """-> int8 [rows, cols] symbols. The dictionary must have been validated; the stream
-    is checked here before the backend's kernel sees it."""
-    rows = np.asarray(row_codes).shape[0]
+                   where: str = "tensor", backend=None, rows: slice | None = None) -> np.ndarray:
+    """-> int8 [rows, cols] symbols (of the rows selected, all by default). The dictionary
+    must have been validated; the stream is checked here before the backend's kernel
+    sees it."""
     offsets = row_offsets(row_codes, codes.shape[0], cols, where)
-    out = np.zeros((rows, cols), np.int8) if not (rows and cols) else np.empty((rows, cols), np.int8)
-    status = np.zeros(rows, np.uint8)
-    if rows and cols:
+    a, b = row_range(rows, len(offsets) - 1)
+    offsets, n = offsets[a:b + 1], b - a
+    out = np.zeros((n, cols), np.int8) if not (n and cols) else np.empty((n, cols), np.int8)
+    status = np.zeros(n, np.uint8)
+    if n and cols:
         backends.get(backend).ternary_symbols(codes, offsets, cols, d, out, status)
-    elif rows and codes.shape[0]:
-        status[:] = np.asarray(row_codes) > 0
-    _raise_status(status, where)
+    elif n:
+        status[:] = np.diff(offsets) > 0
+    _raise_status(status, where, a)
     return out
 
 
 def decode_values(codes: np.ndarray, row_codes: np.ndarray, cols: int, d: Dictionary,
                   lo: np.ndarray, hi: np.ndarray, where: str = "tensor",
-                  out: np.ndarray | None = None, backend=None) -> np.ndarray:
-    """-> float32 [rows, cols] dequantized weights (0, lo[row] or hi[row])."""
-    rows = np.asarray(row_codes).shape[0]
+                  out: np.ndarray | None = None, backend=None,
+                  rows: slice | None = None) -> np.ndarray:
+    """-> float32 [rows, cols] dequantized weights (0, lo[row] or hi[row]) of the rows
+    selected (all by default; lo and hi are per row of the whole tensor)."""
     offsets = row_offsets(row_codes, codes.shape[0], cols, where)
+    a, b = row_range(rows, len(offsets) - 1)
+    offsets, n = offsets[a:b + 1], b - a
     if out is None:
-        out = np.empty((rows, cols), np.float32)
-    elif out.shape != (rows, cols) or out.dtype != np.float32:
-        raise ValueError(f"out must be float32 {(rows, cols)}")
-    status = np.zeros(rows, np.uint8)
-    if rows and cols:
-        backends.get(backend).ternary_values(codes, offsets, cols, d, np.asarray(lo, np.float32),
-                                             np.asarray(hi, np.float32), out, status)
-    _raise_status(status, where)
+        out = np.empty((n, cols), np.float32)
+    elif out.shape != (n, cols) or out.dtype != np.float32:
+        raise ValueError(f"out must be float32 {(n, cols)}")
+    status = np.zeros(n, np.uint8)
+    if n and cols:
+        backends.get(backend).ternary_values(codes, offsets, cols, d,
+                                             np.ascontiguousarray(lo[a:b], np.float32),
+                                             np.ascontiguousarray(hi[a:b], np.float32), out, status)
+    _raise_status(status, where, a)
     return out
+
+
+def matmul_values(codes: np.ndarray, row_codes: np.ndarray, cols: int, d: Dictionary,
+                  lo: np.ndarray, hi: np.ndarray, x: np.ndarray, where: str = "tensor",
+                  backend=None) -> np.ndarray:
+    """Y = X W^T (as nn.Linear computes it) for W what `decode_values` gives, without
+    decoding W: x float32 [batch, cols] -> float32 [batch, rows]."""
+    offsets = row_offsets(row_codes, codes.shape[0], cols, where)
+    rows = len(offsets) - 1
+    if x.ndim != 2 or x.shape[1] != cols:
+        raise ValueError(f"{where}: input of shape {list(x.shape)} for a weight of {cols} columns")
+    y = np.zeros((x.shape[0], rows), np.float32)
+    status = np.zeros(rows, np.uint8)
+    if rows and cols and x.shape[0]:
+        xt = np.ascontiguousarray(x.T, dtype=np.float32)
+        backends.get(backend).ternary_matmul(codes, offsets, cols, d, np.asarray(lo, np.float32),
+                                             np.asarray(hi, np.float32), xt, y, status)
+    elif rows and not cols:
+        status[:] = np.diff(offsets) > 0
+    _raise_status(status, where)
+    return y

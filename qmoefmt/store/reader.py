@@ -22,6 +22,8 @@ from ..format.constants import MAX_DICTIONARIES, MAX_TENSORS
 from .files import check_array_file, file_size, load_json, read_root
 
 
+
+
 class Tensor:
     """One stored tensor. `decode()` gives float32 weights (dequantized for coded
     tensors), `symbols()` the ternary symbols (0 = zero, 1 = lo, 2 = hi) or k-bit levels."""
@@ -44,6 +46,15 @@ class Tensor:
     def unit(self) -> codecs.Codec:
         """The codec unit that gives this tensor's arrays their meaning."""
         return self._codec
+
+    @property
+    def value_dtype(self) -> str:
+        """The dtype that holds this tensor's values exactly: its stored dtype for dense
+        tensors, and for coded ones where the codec's values fit it (ternary values are
+        bf16 scales; k-bit values need float32), else float32."""
+        if not self._codec.expert or self.dtype in self._codec.exact_dtypes:
+            return self.dtype
+        return "float32"
 
     @property
     def rows_cols(self) -> tuple[int, int]:
@@ -85,10 +96,11 @@ class Tensor:
                               f"shape {list(arr.shape)} for {rows}x{cols} weights")
         return arr
 
-    def symbols(self, check_crc: bool = True, backend: str | None = None) -> np.ndarray:
+    def symbols(self, check_crc: bool = True, backend: str | None = None,
+                rows: slice | None = None) -> np.ndarray:
         """Ternary symbols (0, 1 = lo, 2 = hi) as int8, or the b-bit levels (uint8) of a
-        k-bit tensor."""
-        return self._codec.symbols(self, check_crc, backend).reshape(self.shape)
+        k-bit tensor; `rows` as in `decode`."""
+        return self._shaped(self._codec.symbols(self, check_crc, backend, rows=rows), rows)
 
     def scales(self, check_crc: bool = True) -> tuple[np.ndarray, np.ndarray]:
         """(lo, hi) per row of a ternary tensor."""
@@ -102,10 +114,48 @@ class Tensor:
             raise NotApplicableError(f"{self.name} is stored {self.codec}; use decode()")
         return self._codec.native(self, check_crc)
 
-    def decode(self, check_crc: bool = True, backend: str | None = None) -> np.ndarray:
+    def matmul(self, x, check_crc: bool = True, backend: str | None = None) -> np.ndarray:
+        """`x @ W.T` as nn.Linear computes it, W never decoded: x [batch, in] or [in]
+        (float32 or bfloat16), fp32 accumulation -> float32 [batch, out] (or [out])."""
+        if not hasattr(self._codec, "matmul"):
+            raise NotApplicableError(f"{self.name} is stored {self.codec}; it has no fused "
+                                     "matmul yet (decode() it)")
+        if len(self.shape) != 2:
+            raise NotApplicableError(f"{self.name} has shape {list(self.shape)}; matmul takes "
+                                     "a 2-D weight [out, in]")
+        x = np.asarray(x)
+        vector = x.ndim == 1
+        x = np.asarray(x[None] if vector else x, dtype=np.float32)
+        y = self._codec.matmul(self, x, check_crc, backend)
+        return y[0] if vector else y
+
+    def decode(self, check_crc: bool = True, backend: str | None = None,
+               rows: slice | None = None) -> np.ndarray:
         """float32 weights of the tensor's shape, dequantized; `backend` names the decode
-        backend (`qmoefmt.backends`; None: Numba on the CPU)."""
-        return self._codec.decode(self, check_crc, backend).reshape(self.shape)
+        backend (`qmoefmt.backends`; None: Numba on the CPU). `rows=slice(a, b)` decodes
+        rows a..b-1 of the [prod(shape[:-1]), cols] view only (rows are independent, like
+        safetensors' get_slice), as a [b - a, cols] array."""
+        return self._shaped(self._codec.decode(self, check_crc, backend, rows=rows), rows)
+
+    def _shaped(self, a: np.ndarray, rows) -> np.ndarray:
+        if rows is None:
+            return a.reshape(self.shape)
+        return a.reshape(len(range(*rows.indices(self.rows_cols[0]))), self.rows_cols[1])
+
+    def torch(self, device=None, dtype=None, check_crc: bool = True):
+        """The tensor as a dense torch tensor: dequantized for coded tensors, in `dtype`
+        (default: `value_dtype`) on `device`."""
+        from .._torch import require_torch
+        torch = require_torch("Tensor.torch()")
+        if hasattr(self._codec, "native"):
+            a = np.asarray(self._codec.native(self, check_crc))
+            out = (torch.from_numpy(a.view(np.int16).copy()).view(torch.bfloat16)
+                   if self.dtype == "bfloat16" else torch.from_numpy(np.array(a)))
+        else:
+            out = torch.from_numpy(self.decode(check_crc))
+            if dtype is None:
+                dtype = getattr(torch, self.value_dtype)
+        return out.to(device=device, dtype=dtype)
 
 
 class Store:

@@ -25,7 +25,8 @@ from .. import backends
 from ..backends.base import ROW_EXTRA_CODES, ROW_NONZERO_PAD, ROW_OK, ROW_SHORT, ROW_STATUS
 from ..codecs.uint_packed import row_bytes, unpack_levels
 from ..dictionaries import build_golomb, build_qmoe2023
-from ..dictionaries.stream import decode_symbols, decode_values, encode, row_offsets
+from ..dictionaries.stream import (decode_symbols, decode_values, encode, matmul_values,
+                                   row_offsets)
 from ..dictionaries.tables import Dictionary
 from ..errors import FormatError
 from ..format.constants import CODEWORDS, KBIT_BITS
@@ -203,6 +204,14 @@ def stream_error(where: str, status: np.ndarray) -> str:
     return f"{where}: row {int(bad[0])}: {ROW_STATUS[int(status[bad[0]])]}{more}"
 
 
+def assert_matmul_close(y: np.ndarray, x: np.ndarray, w: np.ndarray) -> None:
+    """y == x @ w.T within fp32 accumulation: |error| <= (cols + 2) * 2^-23 * (|x| @ |w|.T),
+    the bound for summing cols float32 terms and scaling by a per-row factor."""
+    ref = x.astype(np.float64) @ w.astype(np.float64).T
+    bound = (w.shape[1] + 2) * 2.0 ** -23 * (np.abs(x).astype(np.float64) @ np.abs(w).T)
+    assert np.all(np.abs(y - ref) <= bound), float(np.max(np.abs(y - ref) - bound))
+
+
 # ------------------------------------------------------------------ the suite
 
 
@@ -242,6 +251,23 @@ class DecodeBackendTests:
         assert got is out
         assert got.view(np.uint32).tobytes() == reference_values(want, lo, hi).view(np.uint32).tobytes()
 
+    @pytest.mark.parametrize("kind", BUILT)
+    @SETTINGS
+    @given(sym=symbol_matrices(), seed=st.integers(0, 2**32 - 1),
+           batch=st.sampled_from([1, 2, 16, 64]) | st.integers(0, 9))
+    def test_matmul_equals_decode_then_dense(self, kind, sym, seed, batch):
+        """Y = X W^T from the codewords equals X times the decoded W within fp32 rounding,
+        for every batch size, empty ones included."""
+        d = dictionary(kind)
+        rows, cols = sym.shape
+        codes, rc = encode(sym, d)
+        rng = np.random.default_rng(seed)
+        lo, hi = scales(rng, rows)
+        x = rng.standard_normal((batch if cols <= 4096 else min(batch, 2), cols)).astype(np.float32)
+        y = matmul_values(codes, rc, cols, d, lo, hi, x, backend=self.backend)
+        assert y.dtype == np.float32 and y.shape == (x.shape[0], rows)
+        assert_matmul_close(y, x, reference_values(sym, lo, hi))
+
     @pytest.mark.parametrize("kind", ALL)
     @SETTINGS
     @given(rows=st.integers(1, 5), cols=WIDTHS, seed=st.integers(0, 2**32 - 1), data=st.data())
@@ -269,6 +295,14 @@ class DecodeBackendTests:
         self.kernels.ternary_values(codes, offsets, cols, d, lo, hi, vals, status)
         assert status.tolist() == want_status.tolist()
         assert vals[ok].tobytes() == reference_values(want, lo, hi)[ok].tobytes()
+
+        x = rng.standard_normal((2, cols)).astype(np.float32)
+        y = np.full((2, rows), np.nan, np.float32)
+        status = np.zeros(rows, np.uint8)
+        self.kernels.ternary_matmul(codes, offsets, cols, d, lo, hi,
+                                    np.ascontiguousarray(x.T), y, status)
+        assert status.tolist() == want_status.tolist()
+        assert_matmul_close(y[:, ok], x, reference_values(want, lo, hi)[ok])
 
         if ok.all():
             assert np.array_equal(decode_symbols(codes, rc, cols, d, "t", backend=self.backend), want)
