@@ -30,7 +30,7 @@ STORES = {
 TORCH_MODULES = {
     "qmoefmt.calibration", "qmoefmt.demo.model", "qmoefmt.quantize.calibration",
     "qmoefmt.quantize.collector", "qmoefmt.quantize.gptq", "qmoefmt.quantize.grids",
-    "qmoefmt.quantize.sequential",
+    "qmoefmt.quantize.sequential", "qmoefmt.torch",
 }
 # None in sys.modules makes `import torch` (and torch.anything) raise ModuleNotFoundError,
 # exactly as when the extra is not installed.

@@ -1,0 +1,103 @@
+"""Fused decode-matmul Y = X W^T from ternary codewords vs torch's dense X @ W.T.
+
+Cold, as an MoE runs its experts: each call takes the next of enough distinct experts
+that their dense fp32 weights exceed --cold-gb; hot: one expert again and again. Times
+are medians over the rotation, in microseconds, with torch's time over ours as the
+ratio (> 1: ours is faster). Run on an otherwise idle machine.
+
+    python bench/runtime.py [--quick] [--threads 1 2] [--batch 1 4 16] [--cold-gb 1.0]
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import time
+
+import numba
+import numpy as np
+import torch
+
+from qmoefmt.dictionaries import build_golomb
+from qmoefmt.dictionaries.golomb import ladder_point
+from qmoefmt.dictionaries.stream import decode_values, encode, matmul_values
+
+SWITCH = [(768, 3072), (3072, 768), (1024, 4096), (4096, 1024), (2080, 6144), (6144, 2080)]
+LARGE = [(4096, 14336), (14336, 4096)]
+
+
+def experts(shape, p0: float, n: int, rng):
+    """n random ternary experts at P(0) = p0, coded with the fitted golomb-v2f dictionary:
+    [(codes, row_codes, lo, hi, dense fp32 torch, dense bf16 torch)], and the dictionary."""
+    rows, cols = shape
+    d = build_golomb(ladder_point(p0))
+    out = []
+    for _ in range(n):
+        u = rng.random((rows, cols), dtype=np.float32)
+        sym = np.where(u < p0, 0, np.where(u < (1 + p0) / 2, 1, 2)).astype(np.int8)
+        codes, rc = encode(sym, d)
+        lo = -np.abs(rng.standard_normal(rows)).astype(np.float32) / 64
+        hi = np.abs(rng.standard_normal(rows)).astype(np.float32) / 64
+        w = torch.from_numpy(decode_values(codes, rc, cols, d, lo, hi))
+        out.append((codes, rc, lo, hi, w, w.to(torch.bfloat16)))
+    return out, d
+
+
+def median_us(fn, items, reps: int) -> float:
+    fn(items[0])                                   # compile / warm the code, not the data
+    ts = []
+    for _ in range(reps):
+        for it in items:
+            t0 = time.perf_counter()
+            fn(it)
+            ts.append(time.perf_counter() - t0)
+    return float(np.median(ts)) * 1e6
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="two shapes, P(0) 0.885 only")
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 4, 16])
+    ap.add_argument("--p0", type=float, nargs="+", default=[0.885, 0.93])
+    ap.add_argument("--cold-gb", type=float, default=1.0)
+    ap.add_argument("--reps", type=int, default=3)
+    args = ap.parse_args()
+    shapes = [(768, 3072), (4096, 14336)] if args.quick else SWITCH + LARGE
+    p0s = [0.885] if args.quick else args.p0
+    rng = np.random.default_rng(0)
+    print(f"numba {numba.__version__}, torch {torch.__version__}; cold = rotating over "
+          f">= {args.cold_gb} GB of fp32 weights")
+    print(f"{'W (out x in)':>13} {'P(0)':>5} {'thr':>3} {'batch':>5} | {'ours cold':>9} "
+          f"{'fp32':>8} {'bf16':>8} {'fp32/ours':>9} {'bf16/ours':>9} | {'ours hot':>8} "
+          f"{'fp32':>8} {'bf16':>8}")
+    for shape in shapes:
+        rows, cols = shape
+        n = max(2, math.ceil(args.cold_gb * 2**30 / (rows * cols * 4)))
+        for p0 in p0s:
+            items, d = experts(shape, p0, n, rng)
+            for threads in args.threads:
+                numba.set_num_threads(threads)
+                torch.set_num_threads(threads)
+                for batch in args.batch:
+                    x = rng.standard_normal((batch, cols)).astype(np.float32)
+                    xt, xb = torch.from_numpy(x), torch.from_numpy(x).to(torch.bfloat16)
+
+                    def ours(it):
+                        matmul_values(it[0], it[1], cols, d, it[2], it[3], x)
+
+                    def fp32(it):
+                        xt @ it[4].T
+
+                    def bf16(it):
+                        xb @ it[5].T
+                    cold = [median_us(f, items, args.reps) for f in (ours, fp32, bf16)]
+                    hot = [median_us(f, items[:1] * 8, args.reps) for f in (ours, fp32, bf16)]
+                    print(f"{rows:>6}x{cols:<6} {p0:>5} {threads:>3} {batch:>5} | "
+                          f"{cold[0]:>9.0f} {cold[1]:>8.0f} {cold[2]:>8.0f} "
+                          f"{cold[1] / cold[0]:>9.2f} {cold[2] / cold[0]:>9.2f} | "
+                          f"{hot[0]:>8.0f} {hot[1]:>8.0f} {hot[2]:>8.0f}", flush=True)
+            del items
+
+
+if __name__ == "__main__":
+    main()
