@@ -1,4 +1,6 @@
-"""Fused decode-matmul Y = X W^T from ternary codewords vs torch's dense X @ W.T.
+"""Fused decode-matmul Y = X W^T from the compressed arrays vs torch's dense X @ W.T:
+ternary codewords (golomb-v2f at P(0) 0.885 and 0.93) and 2-bit bit-packed levels
+(uint-packed, per-row RTN min-max of gaussian weights).
 
 Cold, as an MoE runs its experts: each call takes the next of enough distinct experts
 that their dense fp32 weights exceed --cold-gb; hot: one expert again and again. Times
@@ -19,7 +21,11 @@ import torch
 
 from qmoefmt.dictionaries import build_golomb
 from qmoefmt.dictionaries.golomb import ladder_point
+from qmoefmt.codecs.kbit_grid import dequantize
+from qmoefmt.codecs.uint_packed import pack_levels
 from qmoefmt.dictionaries.stream import decode_values, encode, matmul_values
+from qmoefmt.quantize.grids import kbit_rtn
+from qmoefmt import backends
 
 SWITCH = [(768, 3072), (3072, 768), (1024, 4096), (4096, 1024), (2080, 6144), (6144, 2080)]
 LARGE = [(4096, 14336), (14336, 4096)]
@@ -40,6 +46,19 @@ def experts(shape, p0: float, n: int, rng):
         w = torch.from_numpy(decode_values(codes, rc, cols, d, lo, hi))
         out.append((codes, rc, lo, hi, w, w.to(torch.bfloat16)))
     return out, d
+
+
+def kbit_experts(shape, n: int, rng):
+    """n 2-bit experts, per-row RTN of gaussian weights: [(q, scales, zeros, fp32, bf16)]."""
+    rows, cols = shape
+    out = []
+    for _ in range(n):
+        q, sc, z = kbit_rtn(torch.from_numpy(rng.standard_normal((rows, cols), dtype=np.float32)),
+                            2, None)
+        q, sc, z = q.numpy().astype(np.uint8), sc.numpy()[:, :1].copy(), z.numpy()[:, :1].astype(np.uint8)
+        w = torch.from_numpy(dequantize(q, sc, z, cols))
+        out.append((pack_levels(q, 2), sc, z, w, w.to(torch.bfloat16)))
+    return out
 
 
 def median_us(fn, items, reps: int) -> float:
@@ -67,37 +86,41 @@ def main() -> None:
     rng = np.random.default_rng(0)
     print(f"numba {numba.__version__}, torch {torch.__version__}; cold = rotating over "
           f">= {args.cold_gb} GB of fp32 weights")
-    print(f"{'W (out x in)':>13} {'P(0)':>5} {'thr':>3} {'batch':>5} | {'ours cold':>9} "
+    print(f"{'W (out x in)':>13} {'kind':>5} {'thr':>3} {'batch':>5} | {'ours cold':>9} "
           f"{'fp32':>8} {'bf16':>8} {'fp32/ours':>9} {'bf16/ours':>9} | {'ours hot':>8} "
           f"{'fp32':>8} {'bf16':>8}")
+    kernels = backends.get()
     for shape in shapes:
         rows, cols = shape
         n = max(2, math.ceil(args.cold_gb * 2**30 / (rows * cols * 4)))
-        for p0 in p0s:
-            items, d = experts(shape, p0, n, rng)
+        for p0 in p0s + ["2-bit"]:
+            if p0 == "2-bit":
+                items = kbit_experts(shape, n, rng)
+
+                def ours(it, x):
+                    y = np.empty((x.shape[0], rows), np.float32)
+                    kernels.kbit_matmul(it[0], 2, cols, cols, it[1], it[2],
+                                        np.ascontiguousarray(x.T), y, np.zeros(rows, np.uint8))
+            else:
+                items, d = experts(shape, p0, n, rng)
+
+                def ours(it, x, d=d):
+                    matmul_values(it[0], it[1], cols, d, it[2], it[3], x)
             for threads in args.threads:
                 numba.set_num_threads(threads)
                 torch.set_num_threads(threads)
                 for batch in args.batch:
                     x = rng.standard_normal((batch, cols)).astype(np.float32)
                     xt, xb = torch.from_numpy(x), torch.from_numpy(x).to(torch.bfloat16)
-
-                    def ours(it):
-                        matmul_values(it[0], it[1], cols, d, it[2], it[3], x)
-
-                    def fp32(it):
-                        xt @ it[4].T
-
-                    def bf16(it):
-                        xb @ it[5].T
-                    cold = [median_us(f, items, args.reps) for f in (ours, fp32, bf16)]
-                    hot = [median_us(f, items[:1] * 8, args.reps) for f in (ours, fp32, bf16)]
+                    fns = (lambda it: ours(it, x), lambda it: xt @ it[-2].T,
+                           lambda it: xb @ it[-1].T)
+                    cold = [median_us(f, items, args.reps) for f in fns]
+                    hot = [median_us(f, items[:1] * 8, args.reps) for f in fns]
                     print(f"{rows:>6}x{cols:<6} {p0:>5} {threads:>3} {batch:>5} | "
                           f"{cold[0]:>9.0f} {cold[1]:>8.0f} {cold[2]:>8.0f} "
                           f"{cold[1] / cold[0]:>9.2f} {cold[2] / cold[0]:>9.2f} | "
                           f"{hot[0]:>8.0f} {hot[1]:>8.0f} {hot[2]:>8.0f}", flush=True)
             del items
-
 
 if __name__ == "__main__":
     main()

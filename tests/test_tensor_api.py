@@ -113,8 +113,20 @@ def test_matmul_of_every_ternary_tensor(store):
         assert_matmul_close(t.matmul(vb)[None], vb.astype(np.float32)[None], w)
 
 
+@pytest.mark.parametrize("store", ["switch-tiny-2bit.qmoe", "edge-3bit-g16.qmoe"])
+def test_matmul_of_every_uint_packed_tensor(store):
+    rng = np.random.default_rng(0)
+    for t in tensors(store):
+        if t.codec != "qmoe.uint-packed" or len(t.shape) != 2:
+            continue
+        w = t.decode()
+        for batch in (1, 4):
+            x = rng.standard_normal((batch, t.shape[1])).astype(np.float32)
+            assert_matmul_close(t.matmul(x), x, w)
+
+
 def test_matmul_refusals():
-    st_ = qmoefmt.open(paths.store("switch-tiny-2bit.qmoe"))
+    st_ = qmoefmt.open(paths.store("switch-tiny-2bit-dict16.qmoe"))
     kbit = next(st_[n] for n in st_ if st_[n].unit.expert)
     with pytest.raises(NotApplicableError, match="no fused matmul"):
         kbit.matmul(np.zeros(kbit.shape[1], np.float32))

@@ -58,6 +58,20 @@ def test_the_bundled_model_runs_from_its_store(tiny_store):
     assert round(heldout_loss(model, sample), 4) == round(heldout_loss(ref, sample), 4)
 
 
+def test_the_bundled_model_runs_from_a_2bit_store(tmp_path):
+    out = tmp_path / "moe-tiny-2bit.qmoe"
+    pack(paths.checkpoint("moe-tiny"), out, PackOptions(preset="switch", bits="2"))
+    store = qmoefmt.open(out)
+    assert {store[n].codec for n in store if store[n].unit.expert} == {"qmoe.uint-packed"}
+    model = load_dense(paths.checkpoint("moe-tiny")).eval()
+    assert len(load_model(store, model, preset="switch")["compressed"]) == 64
+    tokens = torch.from_numpy(heldout_tokens()[:2 * 257].astype(np.int64)).reshape(2, 257)
+    with torch.no_grad():
+        got, _ = model(tokens[:, :-1])
+        want, _ = dequantized_model(store)(tokens[:, :-1])
+    assert torch.allclose(got, want, rtol=0, atol=1e-4)
+
+
 def test_load_model_names_what_the_store_lacks(tiny_store, tmp_path):
     model = load_dense(paths.checkpoint("moe-tiny")).eval()
     model.register_buffer("extra", torch.zeros(3))
@@ -65,8 +79,8 @@ def test_load_model_names_what_the_store_lacks(tiny_store, tmp_path):
         load_model(tiny_store, model, preset="switch")
 
 
-def test_kbit_experts_need_a_fused_matmul(tmp_path):
-    store = qmoefmt.open(paths.store("switch-tiny-2bit.qmoe"))
+def test_dict16_experts_need_a_fused_matmul(tmp_path):
+    store = qmoefmt.open(paths.store("switch-tiny-2bit-dict16.qmoe"))
     t = next(store[n] for n in store if store[n].unit.expert)
     with pytest.raises(QmoeError, match="no fused matmul"):
         CompressedLinear(t)

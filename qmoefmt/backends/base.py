@@ -51,6 +51,14 @@ class DecodeBackend:
         [batch, rows]; fp32 accumulation; status as in `ternary_symbols`."""
         raise NotImplementedError
 
+    def kbit_matmul(self, packed: np.ndarray, bits: int, cols: int, group_size: int,
+                    scales: np.ndarray, zeros: np.ndarray, xt: np.ndarray, y: np.ndarray,
+                    bad: np.ndarray) -> None:
+        """Y = X W^T with W the §12 rows `packed` dequantize to (float32 scales and uint8
+        zeros [rows, groups]), never materialised: xt float32 [cols, batch], y float32
+        [batch, rows]; bad[r] = 1 where row r's padding bits are not zero."""
+        raise NotImplementedError
+
     def unpack_levels(self, packed: np.ndarray, bits: int, cols: int, out: np.ndarray,
                       bad: np.ndarray) -> None:
         """§12 bit-packed rows [rows, ceil(cols * bits / 8)] -> out uint8 [rows, cols];

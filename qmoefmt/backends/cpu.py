@@ -200,6 +200,45 @@ def _ternary_matmul(codes, offsets, cols, rec, lb, kb, s0, sp, chain, lo, hi, xt
 
 
 @nb.njit(**_PAR)
+def _kbit_matmul(packed, bits, cols, group_size, scales, zeros, xt, y, bad, blocks):
+    """Y = X W^T for §12 rows: per group, scale * sum of (level - zero) * x, the levels
+    unpacked on the fly (subtracting the zero point per weight keeps the error within
+    fp32 rounding of the dequantized product; sum(level * x) - zero * sum(x) cancels)."""
+    rows = packed.shape[0]
+    batch = xt.shape[1]
+    groups = scales.shape[1]
+    mask = (1 << bits) - 1
+    for k in nb.prange(blocks):
+        acc = np.empty(batch, np.float32)
+        out = np.empty(batch, np.float32)
+        for r in range(k * rows // blocks, (k + 1) * rows // blocks):
+            out[:] = 0
+            bitacc = np.uint32(0)
+            nacc = 0
+            o = 0
+            for g in range(groups):
+                acc[:] = 0
+                z = np.float32(zeros[r, g])
+                for i in range(g * group_size, min(cols, (g + 1) * group_size)):
+                    if nacc < bits:
+                        bitacc |= np.uint32(packed[r, o]) << np.uint32(nacc)
+                        o += 1
+                        nacc += 8
+                    level = np.float32(bitacc & mask) - z
+                    bitacc >>= np.uint32(bits)
+                    nacc -= bits
+                    for b in range(batch):
+                        acc[b] += level * xt[i, b]
+                s = scales[r, g]
+                for b in range(batch):
+                    out[b] += s * acc[b]
+            if bitacc != 0:         # padding bits of the last byte must be zero
+                bad[r] = 1
+            for b in range(batch):
+                y[b, r] = out[b]
+
+
+@nb.njit(**_PAR)
 def _unpack(packed, bits, cols, out, bad):
     rows = packed.shape[0]
     mask = (1 << bits) - 1
@@ -233,6 +272,11 @@ class NumbaCPU(DecodeBackend):
         rows = offsets.shape[0] - 1
         _ternary_matmul(codes, offsets, cols, *d.runtime_records(), d.runtime_chain(), lo, hi,
                         xt, y, status, min(rows, 8 * nb.get_num_threads()))
+
+    def kbit_matmul(self, packed, bits, cols, group_size, scales, zeros, xt, y, bad) -> None:
+        _kbit_matmul(np.ascontiguousarray(packed), bits, cols, group_size, scales,
+                     np.ascontiguousarray(zeros), xt, y, bad,
+                     min(packed.shape[0], 8 * nb.get_num_threads()))
 
     def unpack_levels(self, packed, bits, cols, out, bad) -> None:
         _unpack(np.ascontiguousarray(packed), bits, cols, out, bad)

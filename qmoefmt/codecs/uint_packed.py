@@ -9,6 +9,7 @@ import numpy as np
 
 from .. import backends
 from ..errors import FormatError
+from ..format import bf16
 from ..format import constants as C
 from .base import ArraySpec, TensorArrays
 from .kbit_grid import KbitGrid
@@ -80,6 +81,30 @@ class UintPacked(KbitGrid):
         bits, _ = self.params(t)
         q = t.array("q", check_crc)[rows[0]:rows[1]]
         return unpack_levels(q, bits, t.rows_cols[1], t.where, backend)
+
+    def matmul(self, t: TensorArrays, x: np.ndarray, check_crc: bool = True,
+               backend=None) -> np.ndarray:
+        """Y = X W^T from the packed levels; the grid is validated as decode() does."""
+        rows, cols = t.rows_cols
+        bits, _ = self.params(t)
+        if x.ndim != 2 or x.shape[1] != cols:
+            raise ValueError(f"{t.where}: input of shape {list(x.shape)} for a weight of "
+                             f"{cols} columns")
+        q = t.array("q", check_crc)
+        zeros = np.asarray(t.array("zeros", check_crc))
+        if zeros.size and int(zeros.max()) >= (1 << bits):
+            raise FormatError(f"{t.where}/zeros", f"zero point >= 2**{bits}")
+        scales = np.ascontiguousarray(bf16.to_float32(t.array("scales", check_crc)))
+        if not np.isfinite(scales).all():
+            raise FormatError(f"{t.where}/scales", "scales must be finite")
+        y = np.zeros((x.shape[0], rows), np.float32)
+        bad = np.zeros(rows, np.uint8)
+        if rows and cols and x.shape[0]:
+            backends.get(backend).kbit_matmul(q, bits, cols, t.record["group_size"], scales,
+                                              zeros, np.ascontiguousarray(x.T, np.float32), y, bad)
+        if bad.any():
+            raise FormatError(t.where, f"row {int(np.argmax(bad))}: nonzero padding bits in q")
+        return y
 
     def check(self, t: TensorArrays, deep: bool) -> None:
         if deep:

@@ -413,6 +413,36 @@ class DecodeBackendTests:
             unpack_levels(packed, bits, cols, "q", backend=self.backend)
         assert str(e.value) == f"q: row {int(np.argmax(want_bad))}: nonzero padding bits in q"
 
+    @pytest.mark.parametrize("bits", KBIT_BITS)
+    @SETTINGS
+    @given(rows=st.integers(1, 6), cols=WIDTHS, group=st.sampled_from([1, 3, 16, 128, None]),
+           batch=st.sampled_from([1, 2, 16]) | st.integers(0, 5), seed=st.integers(0, 2**32 - 1))
+    def test_kbit_matmul_equals_decode_then_dense(self, bits, rows, cols, group, batch, seed):
+        """§12 rows times X, per group scale * (level - zero), within fp32 rounding of the
+        dequantized product; rows with padding bits set are flagged, only those."""
+        rng = np.random.default_rng(seed)
+        size = group or cols
+        groups = -(-cols // size)
+        levels = rng.integers(0, 1 << bits, (rows, cols)).astype(np.uint8)
+        zeros = rng.integers(0, 1 << bits, (rows, groups)).astype(np.uint8)
+        sc = np.abs(rng.standard_normal((rows, groups))).astype(np.float32) / 16
+        sc = (sc.view(np.uint32) >> 16 << 16).view(np.float32)       # bf16-exact
+        packed = reference_pack(levels, bits)
+        dirty = rng.random(rows) < 0.3
+        if (cols * bits) % 8:
+            packed[dirty, -1] |= np.uint8(0x80)                      # a padding bit set
+        else:
+            dirty[:] = False
+        g = np.arange(cols) // size
+        w = sc[:, g] * (levels.astype(np.float32) - zeros[:, g].astype(np.float32))
+        x = rng.standard_normal((batch, cols)).astype(np.float32)
+        y = np.full((batch, rows), np.nan, np.float32)
+        bad = np.zeros(rows, np.uint8)
+        self.kernels.kbit_matmul(packed, bits, cols, size, sc, zeros, np.ascontiguousarray(x.T),
+                                 y, bad)
+        assert bad.astype(bool).tolist() == dirty.tolist()
+        assert_matmul_close(y[:, ~dirty], x, w[~dirty])
+
     # ---- the committed fixture stores
 
     @pytest.mark.parametrize("manifest,store", conformance.cases())
