@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import time
 
 import numba
 import numpy as np
@@ -19,6 +18,7 @@ import numpy as np
 from qmoefmt.dictionaries import stream as codec
 from qmoefmt.dictionaries.golomb import build_golomb, ladder_point
 from qmoefmt.dictionaries.qmoe2023 import build_qmoe2023
+from _timing import median_time
 
 P0S = (0.80, 0.885, 0.93, 0.97)
 SHAPES = ((768, 3072), (3072, 768), (1024, 4096), (4096, 1024), (2080, 6144), (6144, 2080))
@@ -32,15 +32,6 @@ def entropy(p0: float) -> float:
 def symbols(rng, p0: float, rows: int, cols: int) -> np.ndarray:
     u = rng.random((rows, cols), dtype=np.float32)
     return np.where(u < p0, 0, np.where(u < p0 + (1 - p0) / 2, 1, 2)).astype(np.int8)
-
-
-def median_time(fn, reps: int) -> float:
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return float(np.median(ts))
 
 
 def tensor_bytes(codes, row_codes, rows) -> int:

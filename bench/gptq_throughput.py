@@ -9,24 +9,14 @@ pack's default; plain is QMoE's column order.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
 from qmoefmt.quantize import gptq
 from qmoefmt.quantize import grids as quantizers
+from _timing import median_time
 
 E = 16
-
-
-def median_time(fn, reps: int) -> float:
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
 
 
 def main() -> None:

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 import qmoefmt
+from qmoefmt import format as fmt
 from qmoefmt.demo import textdata
 from qmoefmt.calibration import HessianCollector
 from qmoefmt.demo.model import heldout_loss, load_model

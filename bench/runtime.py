@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import time
 
 import numba
 import numpy as np
@@ -26,6 +25,8 @@ from qmoefmt.codecs.uint_packed import pack_levels
 from qmoefmt.dictionaries.stream import decode_values, encode, matmul_values
 from qmoefmt.quantize.grids import kbit_rtn
 from qmoefmt import backends
+
+from _timing import median_time
 
 SWITCH = [(768, 3072), (3072, 768), (1024, 4096), (4096, 1024), (2080, 6144), (6144, 2080)]
 LARGE = [(4096, 14336), (14336, 4096)]
@@ -62,14 +63,10 @@ def kbit_experts(shape, n: int, rng):
 
 
 def median_us(fn, items, reps: int) -> float:
+    """Median of one call each on items, in turn (cold when they are many)."""
     fn(items[0])                                   # compile / warm the code, not the data
-    ts = []
-    for _ in range(reps):
-        for it in items:
-            t0 = time.perf_counter()
-            fn(it)
-            ts.append(time.perf_counter() - t0)
-    return float(np.median(ts)) * 1e6
+    turn = iter(items * reps)
+    return median_time(lambda: fn(next(turn)), len(items) * reps) * 1e6
 
 
 def main() -> None:

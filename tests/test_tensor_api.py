@@ -95,34 +95,23 @@ def test_unpack_keeps_kbit_values_exact(tmp_path):
 
 
 @pytest.mark.parametrize("store", ["switch-tiny.qmoe", "switch-tiny-qmoe2023.qmoe", "edge.qmoe",
-                                   "edge-auto.qmoe"])
-def test_matmul_of_every_ternary_tensor(store):
+                                   "edge-auto.qmoe", "switch-tiny-2bit.qmoe", "edge-3bit-g16.qmoe"])
+def test_matmul_of_every_fused_tensor(store):
+    """Every 2-D tensor whose codec multiplies fused (ternary, uint-packed), at several
+    batch sizes, one vector, and bfloat16 input (widened exactly)."""
     rng = np.random.default_rng(0)
     for t in tensors(store):
-        if t.codec != "qmoe.ternary-dict16" or len(t.shape) != 2:
+        if t.codec not in ("qmoe.ternary-dict16", "qmoe.uint-packed") or len(t.shape) != 2:
             continue
         w = t.decode()
         for batch in (1, 3, 16):
             x = rng.standard_normal((batch, t.shape[1])).astype(np.float32)
             assert_matmul_close(t.matmul(x), x, w)
-        # one vector, and bfloat16 input (widened exactly)
         v = rng.standard_normal(t.shape[1]).astype(np.float32)
         assert t.matmul(v).shape == (t.shape[0],)
         assert_matmul_close(t.matmul(v)[None], v[None], w)
         vb = v.astype(ml_dtypes.bfloat16)
         assert_matmul_close(t.matmul(vb)[None], vb.astype(np.float32)[None], w)
-
-
-@pytest.mark.parametrize("store", ["switch-tiny-2bit.qmoe", "edge-3bit-g16.qmoe"])
-def test_matmul_of_every_uint_packed_tensor(store):
-    rng = np.random.default_rng(0)
-    for t in tensors(store):
-        if t.codec != "qmoe.uint-packed" or len(t.shape) != 2:
-            continue
-        w = t.decode()
-        for batch in (1, 4):
-            x = rng.standard_normal((batch, t.shape[1])).astype(np.float32)
-            assert_matmul_close(t.matmul(x), x, w)
 
 
 def test_matmul_refusals():
