@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 import qmoefmt
 from qmoefmt.errors import FormatError, NotApplicableError
 from qmoefmt.testing import paths
-from qmoefmt.testing.backends import assert_matmul_close
+from qmoefmt.testing.reference import assert_matmul_close
 
 
 def tensors(store: str):
