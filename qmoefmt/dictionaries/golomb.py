@@ -23,6 +23,7 @@ from functools import lru_cache
 import numba as nb
 import numpy as np
 
+from ..format.constants import KIND_GOLOMB
 from .tables import CODEWORDS, Dictionary
 
 MAX_K = 12
@@ -188,7 +189,7 @@ def build_golomb(p0: float, k: int | None = None) -> Dictionary:
             raise ValueError(f"golomb-v2f p0={p0} k={k}: an entry has no symbols or more "
                              f"than {_KMAX} nonzeros")
         kmax = max(kmax, kk)
-    d = Dictionary(kind="golomb-v2f", params={"p_zero": p0, "k": k}, length=length,
+    d = Dictionary(kind=KIND_GOLOMB, params={"p_zero": p0, "k": k}, length=length,
                    next_state=nxt, nnz=nnz, nz_pos=np.ascontiguousarray(pos[:, :, :kmax]),
                    nz_sym=np.ascontiguousarray(sym[:, :, :kmax]))
     d.encoder = parse_tables(child, roots, nxt)

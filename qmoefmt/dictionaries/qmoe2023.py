@@ -14,6 +14,7 @@ from functools import lru_cache
 
 import numpy as np
 
+from ..format.constants import KIND_QMOE2023
 from .tables import CODEWORDS, Dictionary, tables_from_entries
 
 P_ZERO = 0.885
@@ -57,7 +58,7 @@ def build_qmoe2023() -> Dictionary:
         index[tuple(seq)] = code
         parent = TRIE_ROOT if len(seq) == 1 else index[tuple(seq[:-1])]
         trie[parent, seq[-1]] = code
-    d = Dictionary(kind="qmoe-2023",
+    d = Dictionary(kind=KIND_QMOE2023,
                    params={"p_zero": P_ZERO, "max_pairs": MAX_PAIRS},
                    **tables_from_entries(1, [entries]))
     d.encoder = trie

@@ -15,7 +15,7 @@ import numpy as np
 from .. import backends
 from ..backends.base import ROW_STATUS
 from ..errors import FormatError
-from ..format.constants import index_dtype
+from ..format.constants import KIND_QMOE2023, index_dtype
 from .qmoe2023 import TRIE_ROOT
 from .tables import Dictionary
 
@@ -168,7 +168,7 @@ def encode(symbols: np.ndarray, d: Dictionary) -> tuple[np.ndarray, np.ndarray]:
     scratch = np.empty((rows, max(cols, 1)), np.uint16)
     counts = np.zeros(rows, np.int64)
     if rows:
-        if d.kind == "qmoe-2023":
+        if d.kind == KIND_QMOE2023:
             _encode_rows_qmoe(sym, d.encoder, scratch, counts)
         else:
             tab, base, root_w = d.encoder

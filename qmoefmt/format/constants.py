@@ -45,7 +45,9 @@ MAX_NAME_BYTES = 4096
 CODEWORDS = 1 << 16
 MAX_STATES = 64
 MAX_NNZ = 32
-DICTIONARY_KINDS = ("qmoe-2023", "golomb-v2f")
+KIND_QMOE2023 = "qmoe-2023"      # §5.3
+KIND_GOLOMB = "golomb-v2f"       # §5.4
+DICTIONARY_KINDS = (KIND_QMOE2023, KIND_GOLOMB)
 
 # §12 bit widths of the k-bit grids, and the ternary grid beside them (pack's --bits)
 KBIT_BITS = (2, 3, 4)
@@ -70,3 +72,13 @@ def index_dtype(cols: int) -> np.dtype:
 def version_tuple(version: str) -> tuple[int, int]:
     major, minor = (int(x) for x in version.split("."))
     return major, minor
+
+__all__ = [
+    "FORMAT_VERSION", "FORMAT_MAJOR", "FORMAT_MINOR", "CODEC_TERNARY", "CODEC_DENSE",
+    "CODEC_UINT", "CODEC_UINT_DICT", "TENSORS", "DICTIONARIES", "ROOT_META",
+    "CHECKSUM_PLACEHOLDER", "STORED_DTYPE", "FLOAT_DTYPES", "MAX_ROOT_METADATA",
+    "MAX_NODE_METADATA", "MAX_RANK", "MAX_ELEMENTS", "MAX_TENSORS", "MAX_DICTIONARIES",
+    "MAX_NAME_BYTES", "CODEWORDS", "MAX_STATES", "MAX_NNZ", "KIND_QMOE2023", "KIND_GOLOMB",
+    "DICTIONARY_KINDS", "KBIT_BITS",
+    "TERNARY", "GRIDS", "GPTQ_DAMP", "GPTQ_ACT_ORDER", "index_dtype", "version_tuple"
+]

@@ -115,3 +115,9 @@ def tensor_paths(names) -> list[str]:
 
 def dictionary_path(content_id: str) -> str:
     return f"{DICTIONARIES}/{content_id.replace(':', '-')}"
+
+__all__ = [
+    "crc32c", "dumps", "np_dtype", "chunk_shape", "chunk_key", "has_chunk", "array_doc",
+    "group_doc", "node_doc", "root_doc", "root_checksum_ok", "tensor_paths",
+    "dictionary_path"
+]

@@ -113,11 +113,11 @@ def choose_dictionary(options: PackOptions, counts: np.ndarray, held: dict) -> D
     """The dictionary for symbols with these counts: qmoe-2023 if asked, else the
     golomb-v2f ladder point fitted to their sparsity, or one the store holds (`held`:
     content id -> index entry) when that costs under 1%."""
-    if options.dictionary == "qmoe-2023":
+    if options.dictionary == C.KIND_QMOE2023:
         return build_qmoe2023()
     total = int(counts.sum())
     p0 = counts[0] / total if total else 0.885
-    held_p0 = [e["params"]["p_zero"] for e in held.values() if e["kind"] == "golomb-v2f"]
+    held_p0 = [e["params"]["p_zero"] for e in held.values() if e["kind"] == C.KIND_GOLOMB]
     return build_golomb(golomb.choose(float(p0), held_p0))
 
 
