@@ -121,3 +121,21 @@ def test_not_safetensors(tmp_path):
 def test_write_calibration_requires_matching_names(tmp_path):
     with pytest.raises(ValueError):
         write_calibration(tmp_path / "c.safetensors", {"a": torch.eye(2)}, {"b": 1})
+
+
+def test_the_same_hessians_give_the_same_file(tmp_path):
+    """Calibration files are byte-deterministic (pack records their sha256), whatever the
+    order the Hessians come in; and they read back."""
+    g = torch.Generator().manual_seed(0)
+    h = {n: torch.randn(6, 6, generator=g) for n in ("b.w", "a.w", "c.w")}
+    h = {n: m @ m.T for n, m in h.items()}
+    tokens = {"b.w": 3, "a.w": 1, "c.w": 0}
+    seq = {"bits": "2", "group_size": None, "act_order": True, "damp": 0.1}
+    write_calibration(tmp_path / "1.safetensors", h, tokens, sequential=seq)
+    write_calibration(tmp_path / "2.safetensors", dict(reversed(list(h.items()))), tokens,
+                      sequential=seq)
+    one = (tmp_path / "1.safetensors").read_bytes()
+    assert one == (tmp_path / "2.safetensors").read_bytes()
+    f = CalibrationFile(tmp_path / "1.safetensors")
+    assert f.tokens == tokens and f.sequential == seq
+    assert torch.equal(f.hessian("a.w", 6), h["a.w"])

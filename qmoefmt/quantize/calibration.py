@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -50,8 +49,11 @@ def write_calibration(path, hessians: dict, tokens: dict[str, int | list[int]],
                       sequential: dict | None = None) -> None:
     """`tokens`: per tensor a count, or for a 3-D `[E, in, in]` Hessian a list of E counts.
     `sequential`: the GPTQ settings a sequential pass quantized under (see
-    check_sequential), for a file whose Hessians were collected that way."""
-    from safetensors.torch import save_file
+    check_sequential), for a file whose Hessians were collected that way. The same
+    Hessians and counts give the same bytes (tensors by name, metadata in a fixed order;
+    safetensors' own save_file orders metadata by a hash map, and pack records the file's
+    sha256)."""
+    from ..io.safetensors_writer import SafetensorsWriter
 
     if set(hessians) != set(tokens):
         raise ValueError("hessians and tokens must name the same experts")
@@ -68,10 +70,11 @@ def write_calibration(path, hessians: dict, tokens: dict[str, int | list[int]],
             meta["sequential"] = json.dumps(check_sequential(sequential), sort_keys=True)
         except ValueError as e:
             raise ValueError(f"sequential settings: {e}") from None
-    tensors = {k: torch.as_tensor(v, dtype=torch.float32).contiguous() for k, v in hessians.items()}
-    tmp = Path(str(path) + ".partial")
-    save_file(tensors, str(tmp), metadata=meta)
-    tmp.replace(path)
+    names = sorted(hessians)
+    entries = [(k, "float32", list(hessians[k].shape)) for k in names]
+    with SafetensorsWriter(path, entries, metadata=meta) as w:
+        for k in names:
+            w.write(k, torch.as_tensor(hessians[k], dtype=torch.float32).contiguous().numpy())
 
 
 class CalibrationFile:
