@@ -48,16 +48,26 @@ class KbitGrid(Codec):
     def grid(self, t: TensorArrays, check_crc: bool = True, backend=None,
              rows: slice | None = None):
         """(levels, scales float32, zeros) of the rows selected, validated."""
-        bits, _ = self.params(t)
         a, b = row_range(rows, t.rows_cols[0])
+        zeros = self.zero_points(t, check_crc)
+        levels = self.levels(t, zeros[a:b], check_crc, backend, (a, b))
+        return levels, self.float_scales(t, check_crc, slice(a, b)), zeros[a:b]
+
+    def zero_points(self, t: TensorArrays, check_crc: bool = True) -> np.ndarray:
+        """uint8 [rows, groups], each < 2**bits."""
+        bits, _ = self.params(t)
         zeros = np.asarray(t.array("zeros", check_crc))
         if zeros.size and int(zeros.max()) >= (1 << bits):
             raise FormatError(f"{t.where}/zeros", f"zero point >= 2**{bits}")
-        levels = self.levels(t, zeros[a:b], check_crc, backend, (a, b))
-        scales = bf16.to_float32(t.array("scales", check_crc)[a:b])
+        return zeros
+
+    def float_scales(self, t: TensorArrays, check_crc: bool = True,
+                     rows: slice = slice(None)) -> np.ndarray:
+        """float32 [rows, groups] of the rows selected, each finite."""
+        scales = bf16.to_float32(t.array("scales", check_crc)[rows])
         if not np.isfinite(scales).all():
             raise FormatError(f"{t.where}/scales", "scales must be finite")
-        return levels, scales, zeros[a:b]
+        return scales
 
     def symbols(self, t: TensorArrays, check_crc: bool = True, backend=None,
                 rows: slice | None = None) -> np.ndarray:

@@ -9,7 +9,6 @@ import numpy as np
 
 from .. import backends
 from ..errors import FormatError
-from ..format import bf16
 from ..format import constants as C
 from .base import ArraySpec, TensorArrays
 from .kbit_grid import KbitGrid
@@ -91,12 +90,8 @@ class UintPacked(KbitGrid):
             raise ValueError(f"{t.where}: input of shape {list(x.shape)} for a weight of "
                              f"{cols} columns")
         q = t.array("q", check_crc)
-        zeros = np.asarray(t.array("zeros", check_crc))
-        if zeros.size and int(zeros.max()) >= (1 << bits):
-            raise FormatError(f"{t.where}/zeros", f"zero point >= 2**{bits}")
-        scales = np.ascontiguousarray(bf16.to_float32(t.array("scales", check_crc)))
-        if not np.isfinite(scales).all():
-            raise FormatError(f"{t.where}/scales", "scales must be finite")
+        zeros = self.zero_points(t, check_crc)
+        scales = np.ascontiguousarray(self.float_scales(t, check_crc))
         y = np.zeros((x.shape[0], rows), np.float32)
         bad = np.zeros(rows, np.uint8)
         if rows and cols and x.shape[0]:
