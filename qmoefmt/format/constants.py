@@ -7,15 +7,21 @@ from __future__ import annotations
 import numpy as np
 
 # §3 versions: the newest this code reads and writes. A store declares the lowest version
-# defining every codec it uses, so readers of older minors still open it.
-FORMAT_VERSION = "1.2"
-FORMAT_MAJOR, FORMAT_MINOR = 1, 2
+# defining every codec and member it uses, so readers of older minors still open it.
+FORMAT_VERSION = "1.3"
+FORMAT_MAJOR, FORMAT_MINOR = 1, 3
 
 # §2, §7, §12, §13 codec ids
 CODEC_TERNARY = "qmoe.ternary-dict16"
 CODEC_DENSE = "qmoe.dense"
 CODEC_UINT = "qmoe.uint-packed"
 CODEC_UINT_DICT = "qmoe.uint-dict16"
+
+# §14 attachments: the source checkpoint's model description, in the root since 1.3
+ATTACHMENTS_SINCE = "1.3"
+CONFIG = "config.json"
+GENERATION_CONFIG = "generation_config.json"
+ATTACHMENT_NAMES = (CONFIG, GENERATION_CONFIG)     # what pack records, when present
 
 # §2 node names
 TENSORS = "tensors"
@@ -40,6 +46,9 @@ MAX_ELEMENTS = 1 << 40
 MAX_TENSORS = 10_000_000
 MAX_DICTIONARIES = 1024
 MAX_NAME_BYTES = 4096
+MAX_ATTACHMENTS = 16
+MAX_ATTACHMENT_BYTES = 1 << 20
+MAX_ATTACHMENT_NAME = 128
 
 # §5 dictionaries
 CODEWORDS = 1 << 16
@@ -78,7 +87,9 @@ __all__ = [
     "CODEC_UINT", "CODEC_UINT_DICT", "TENSORS", "DICTIONARIES", "ROOT_META",
     "CHECKSUM_PLACEHOLDER", "STORED_DTYPE", "FLOAT_DTYPES", "MAX_ROOT_METADATA",
     "MAX_NODE_METADATA", "MAX_RANK", "MAX_ELEMENTS", "MAX_TENSORS", "MAX_DICTIONARIES",
-    "MAX_NAME_BYTES", "CODEWORDS", "MAX_STATES", "MAX_NNZ", "KIND_QMOE2023", "KIND_GOLOMB",
+    "MAX_NAME_BYTES", "MAX_ATTACHMENTS", "MAX_ATTACHMENT_BYTES", "MAX_ATTACHMENT_NAME",
+    "ATTACHMENTS_SINCE", "CONFIG", "GENERATION_CONFIG", "ATTACHMENT_NAMES", "CODEWORDS",
+    "MAX_STATES", "MAX_NNZ", "KIND_QMOE2023", "KIND_GOLOMB",
     "DICTIONARY_KINDS", "KBIT_BITS",
     "TERNARY", "GRIDS", "GPTQ_DAMP", "GPTQ_ACT_ORDER", "index_dtype", "version_tuple"
 ]

@@ -34,6 +34,7 @@ class PackSummary:
     store_bytes: int = 0
     seconds: float = 0.0
     dictionaries: list = field(default_factory=list)
+    attachments: list = field(default_factory=list)     # their names (spec §14)
 
     @property
     def bits_per_param(self) -> float:
@@ -108,6 +109,7 @@ def pack(input_path, output_path, options: PackOptions, resume: bool = False,
         records = _run(plan, options, writer, calibration, resume, summary, progress)
         writer.commit(records)
     summary.dictionaries = sorted(writer.dictionaries)
+    summary.attachments = [e["name"] for e in plan.meta.get("attachments", [])]
     summary.store_bytes = tree_size(output_path)
     summary.seconds = time.perf_counter() - t0
     return summary

@@ -12,6 +12,8 @@ import numpy as np
 from .._version import __version__
 from ..format import constants as C
 from ..format import metadata as M
+from ..format.attachments import lowest_version
+from ..io.attachments import source_attachments
 from ..selection import ExpertSelector
 from .options import PackOptions
 
@@ -44,13 +46,16 @@ class Plan:
                           for s, e in zip(sources, experts)][::-1])[::-1]
         digest = hashlib.sha256(M.dumps(
             [[s.name, list(s.shape), s.dtype] for s in sources])).hexdigest()
+        attachments = source_attachments(input_path)
         meta = {
-            "format_version": options.format_version,
+            "format_version": lowest_version(options.format_version, attachments),
             "writer": {"name": "qmoefmt", "version": __version__},
             "pack": recorded_options(options),
             "plan": {"tensors": len(sources), "sha256": digest},
             "source": {"format": ckpt.format, "name": os.path.basename(os.path.normpath(input_path))},
         }
+        if attachments:     # absent, not empty: a store without any keeps its pre-1.3 bytes
+            meta["attachments"] = attachments
         return cls(sources, M.tensor_paths([s.name for s in sources]), experts,
                    [int(n) for n in left], meta)
 

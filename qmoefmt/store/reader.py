@@ -15,6 +15,7 @@ import numpy as np
 from .. import codecs
 from ..dictionaries.tables import CODEWORDS, TABLES, Dictionary, validate_tables
 from ..errors import FormatError, IncompleteStoreError, LimitError, NotApplicableError
+from ..format import attachments as attachments_
 from ..format import constants as C
 from ..format import metadata as M
 from ..format import records as records_
@@ -114,19 +115,21 @@ class Tensor:
             raise NotApplicableError(f"{self.name} is stored {self.codec}; use decode()")
         return self._codec.native(self, check_crc)
 
-    def matmul(self, x, check_crc: bool = True, backend: str | None = None) -> np.ndarray:
-        """`x @ W.T` as nn.Linear computes it, W never decoded: x [batch, in] or [in]
-        (float32 or bfloat16), fp32 accumulation -> float32 [batch, out] (or [out])."""
-        if not hasattr(self._codec, "matmul"):
-            raise NotApplicableError(f"{self.name} is stored {self.codec}; it has no fused "
-                                     "matmul yet (decode() it)")
-        if len(self.shape) != 2:
+    def runtime(self, check_crc: bool = True):
+        """The weight as a `RuntimeWeight` (arrays validated once, held as the kernels
+        take them): what the torch modules and the expert budget hold. 2-D expert codecs."""
+        if self._codec.multiplies and len(self.shape) != 2:
             raise NotApplicableError(f"{self.name} has shape {list(self.shape)}; matmul takes "
                                      "a 2-D weight [out, in]")
+        return self._codec.runtime(self, check_crc)
+
+    def matmul(self, x, check_crc: bool = True, backend: str | None = None) -> np.ndarray:
+        """`x @ W.T` as nn.Linear computes it, W never decoded whole: x [batch, in] or
+        [in] (float32 or bfloat16), fp32 accumulation -> float32 [batch, out] (or [out])."""
         x = np.asarray(x)
         vector = x.ndim == 1
         x = np.asarray(x[None] if vector else x, dtype=np.float32)
-        y = self._codec.matmul(self, x, check_crc, backend)
+        y = self.runtime(check_crc).matmul(x, backend)
         return y[0] if vector else y
 
     def decode(self, check_crc: bool = True, backend: str | None = None,
@@ -185,6 +188,7 @@ class Store:
         for i, e in enumerate(dicts):
             self._dict_entries[records_.dictionary_entry(e, i, where)] = e
         self._dicts: dict[str, Dictionary] = {}
+        self._attachments = attachments_.check_entries(self.meta.get("attachments"), where)
 
     def _scan_finished(self) -> list[dict]:
         """An incomplete store's finished tensors: those whose group metadata exists."""
@@ -240,6 +244,36 @@ class Store:
     def dictionary_entries(self) -> dict[str, dict]:
         """The index's dictionary entries by content id."""
         return self._dict_entries
+
+    @property
+    def attachments(self) -> list[str]:
+        """The names of the files the store carries from its source checkpoint (§14)."""
+        return list(self._attachments)
+
+    @property
+    def attachment_entries(self) -> dict[str, dict]:
+        """The root's attachment entries by name, as type-checked (their text unchecked
+        against its hash: `attachment` checks it)."""
+        return self._attachments
+
+    def attachment(self, name: str) -> bytes:
+        """An attachment's bytes, verbatim as in the source checkpoint, hash checked."""
+        if name not in self._attachments:
+            raise KeyError(f"{self.path}: no attachment {name!r} (it has "
+                           f"{self.attachments or 'none'})")
+        return attachments_.content(self._attachments[name], self._attachment_where(name))
+
+    def attachment_json(self, name: str) -> dict:
+        """An attachment's JSON object (§14 attachments are JSON objects)."""
+        return attachments_.parse_object(self.attachment(name), self._attachment_where(name))
+
+    @property
+    def config(self) -> dict | None:
+        """The model's config.json (Hugging Face), if the store carries one."""
+        return self.attachment_json(C.CONFIG) if C.CONFIG in self._attachments else None
+
+    def _attachment_where(self, name: str) -> str:
+        return f"{self.path / C.ROOT_META}: attachment {name!r}"
 
     def __getitem__(self, name: str) -> Tensor:
         r = self._records[name]

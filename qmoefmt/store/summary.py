@@ -38,6 +38,8 @@ def summarize(store: Store) -> dict:
         "pack": store.meta.get("pack"),
         "dictionaries": [{k: e.get(k) for k in ("id", "kind", "params", "n_states", "max_nnz")}
                          for e in store.meta.get("dictionaries", [])],
+        "attachments": [{"name": name, "bytes": e["size"], "sha256": e["sha256"]}
+                        for name, e in store.attachment_entries.items()],
         "tensors": tensors,
         "experts": {"tensors": expert_tensors, "params": expert_params, "bytes": expert_bytes,
                     "bits_per_param": 8 * expert_bytes / expert_params if expert_params else None},

@@ -2,7 +2,8 @@
 
 Shallow: the root's self-checksum and version, every other zarr.json against the bytes
 the index implies, every chunk's size and CRC32C, no unexpected files, every dictionary
-valid and matching its content hash, every record consistent. Deep (`deep=True`) also
+valid and matching its content hash, every record consistent, every attachment a JSON
+object matching its hash. Deep (`deep=True`) also
 decodes every coded tensor, checks the row invariants, the scales, the symbol counts, and
 that re-encoding gives the stored codewords (the stream is canonical).
 """
@@ -15,6 +16,7 @@ from .. import codecs
 from ..errors import FormatError, IncompleteStoreError, QmoeError
 from ..format import constants as C
 from ..format import metadata as M
+from ..format.attachments import lowest_version
 from .files import check_array_file
 from .reader import Store
 
@@ -66,6 +68,33 @@ def _wrong_version(declared: str, needed: str) -> bool:
     return v < n or (v != n and v <= (C.FORMAT_MAJOR, C.FORMAT_MINOR))
 
 
+def _check_version(store: Store, used: set) -> list[Problem]:
+    needed = lowest_version(codecs.lowest_version(used), store.attachments)
+    if not _wrong_version(store.format_version, needed):
+        return []
+    what = f"the codecs used ({', '.join(sorted(used))})"
+    if store.attachments:
+        what += " and attachments (§14)"
+    return [Problem(str(store.path / C.ROOT_META),
+                    f"format_version {store.format_version} is not {needed}, the lowest "
+                    f"defining {what}, spec §3")]
+
+
+def _check_attachments(store: Store) -> list[Problem]:
+    """Sorted by name, each its size and hash and a JSON object (spec §14); the reader
+    type-checked the entries when it opened the store."""
+    problems = []
+    if store.attachments != sorted(store.attachments):
+        problems.append(Problem(str(store.path / C.ROOT_META),
+                                "attachments are not sorted by name (spec §14)"))
+    for name in store.attachments:
+        try:
+            store.attachment_json(name)
+        except FormatError as e:
+            problems.append(Problem(e.where, e.what))
+    return problems
+
+
 def verify(path, deep: bool = False, progress=None, on_open=None) -> list[Problem]:
     """`on_open(n_tensors)` is called once the root is read (the CLI sizes its progress
     bar with it); `progress(1)` after each tensor."""
@@ -81,12 +110,9 @@ def verify(path, deep: bool = False, progress=None, on_open=None) -> list[Proble
     if on_open:
         on_open(len(store))
     used = {store.record(n)["codec"] for n in store}
-    if all(codecs.get(c) for c in used) and _wrong_version(store.format_version,
-                                                           codecs.lowest_version(used)):
-        problems.append(Problem(str(root / C.ROOT_META),
-                                f"format_version {store.format_version} is not "
-                                f"{codecs.lowest_version(used)}, the lowest defining the "
-                                f"codecs used ({', '.join(sorted(used))}), spec §3"))
+    if all(codecs.get(c) for c in used):
+        problems.extend(_check_version(store, used))
+    problems.extend(_check_attachments(store))
 
     expected_files = {root / C.ROOT_META}
     for group in (C.TENSORS, C.DICTIONARIES):

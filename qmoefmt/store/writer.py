@@ -18,6 +18,7 @@ from ..dictionaries.tables import Dictionary
 from ..errors import QmoeError
 from ..format import constants as C
 from ..format import metadata as M
+from ..format.attachments import lowest_version
 from .files import check_array_file, load_json, read_root
 
 
@@ -67,6 +68,17 @@ def write_arrays(root: Path, tensor_path: str, arrays: dict) -> dict:
             for name, (a, ld) in arrays.items()}
 
 
+def _shown(key: str, value) -> str:
+    """A root member as a refused resume names it: attachments by name and hash, since
+    their text runs to kilobytes."""
+    if key != "attachments":
+        return repr(value)
+    if not isinstance(value, list):
+        return "none"
+    return ", ".join(f"{e.get('name')} sha256 {str(e.get('sha256'))[:12]}"
+                     for e in value if isinstance(e, dict))
+
+
 class StoreWriter:
     """The coordinator. `StoreWriter(path, meta, resume=...)` starts (or picks up) a
     store whose root says complete: false until `commit`."""
@@ -93,11 +105,13 @@ class StoreWriter:
         old = read_root(self.root)
         if old.get("complete"):
             raise StoreExistsError(f"{self.root}: store is already complete")
-        for key in ("pack", "plan"):
+        # The attachments too: the finished store's config must be the one its tensors'
+        # run saw, as an uninterrupted pack would have recorded (spec §8).
+        for key in ("pack", "plan", "attachments"):
             if old.get(key) != self.meta.get(key):
                 raise StoreExistsError(
                     f"{root_meta}: cannot resume: the interrupted pack had different "
-                    f"{key} ({old.get(key)!r}); start over in a new directory")
+                    f"{key} ({_shown(key, old.get(key))}); start over in a new directory")
 
     def _remove_partials(self) -> None:
         for p in self.root.rglob("*.partial.*"):
@@ -149,9 +163,10 @@ class StoreWriter:
     def commit(self, records: list[dict]) -> None:
         used = {r["dictionary"] for r in records if "dictionary" in r}
         # The incomplete root declared the newest version the pack might need; the final
-        # one declares the lowest its codecs need (spec §3).
-        meta = dict(self.meta, complete=True,
-                    format_version=codecs.lowest_version({r["codec"] for r in records}),
+        # one declares the lowest its codecs and attachments need (spec §3).
+        version = lowest_version(codecs.lowest_version({r["codec"] for r in records}),
+                                 self.meta.get("attachments"))
+        meta = dict(self.meta, complete=True, format_version=version,
                     dictionaries=[self.dictionaries[c] for c in sorted(used)],
                     tensors=records)
         os.sync()   # every array and group durable before the marker says complete
