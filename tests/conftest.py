@@ -37,3 +37,14 @@ def fixture_store():
 def fixture_checkpoint():
     """name ("switch-tiny", "edge", "moe-tiny") -> the committed source checkpoint."""
     return paths.checkpoint
+
+
+@pytest.fixture(scope="session")
+def bundled_store(tmp_path_factory):
+    """The bundled model (moe-tiny) packed RTN ternary with the small qmoe-2023
+    dictionary, opened: the store the runtime tests run models from."""
+    import qmoefmt
+    from qmoefmt.pack import PackOptions, pack
+    out = tmp_path_factory.mktemp("bundled") / "moe-tiny.qmoe"
+    pack(paths.checkpoint("moe-tiny"), out, PackOptions(preset="switch", dictionary="qmoe-2023"))
+    return qmoefmt.open(out)

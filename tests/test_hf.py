@@ -21,8 +21,9 @@ from qmoefmt_cli.main import main as cli
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.hf
 
-E, H, I = 4, 32, 48                  # experts, hidden, expert intermediate
-MIXTRAL_LAYERS = 2
+from qmoefmt.testing.tiny_hf import E, H, I, mixtral, switch  # noqa: E402
+
+MIXTRAL_LAYERS = 2                   # mixtral()'s default
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -33,30 +34,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def mixtral():
-    torch.manual_seed(0)
-    cfg = transformers.MixtralConfig(
-        vocab_size=64, hidden_size=H, intermediate_size=I, num_hidden_layers=MIXTRAL_LAYERS,
-        num_attention_heads=4, num_key_value_heads=2, num_local_experts=E,
-        num_experts_per_tok=2, max_position_embeddings=64)
-    return transformers.MixtralForCausalLM(cfg).eval()
-
-
-def switch():
-    torch.manual_seed(0)
-    cfg = transformers.SwitchTransformersConfig(
-        vocab_size=64, d_model=H, d_kv=8, d_ff=I, num_layers=1, num_decoder_layers=1,
-        num_heads=4, num_experts=E, encoder_sparse_step=1, decoder_sparse_step=1,
-        expert_capacity=6)           # small: some routed tokens overflow and reach no expert
-    model = transformers.SwitchTransformersForConditionalGeneration(cfg).eval()
-    # Expert 3 of the first encoder layer ties expert 0 everywhere; argmax takes the first
-    # maximum, so expert 3 receives no tokens.
-    router = model.encoder.block[0].layer[1].mlp.router.classifier
-    with torch.no_grad():
-        router.weight[3] = router.weight[0]
-    return model
 
 
 def batches(n=3, seed=1):

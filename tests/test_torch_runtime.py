@@ -15,10 +15,8 @@ from qmoefmt.torch import CompressedLinear, load_model
 
 
 @pytest.fixture(scope="module")
-def tiny_store(tmp_path_factory):
-    out = tmp_path_factory.mktemp("run") / "moe-tiny.qmoe"
-    pack(paths.checkpoint("moe-tiny"), out, PackOptions(preset="switch", dictionary="qmoe-2023"))
-    return qmoefmt.open(out)
+def tiny_store(bundled_store):
+    return bundled_store
 
 
 def dequantized_model(store):
@@ -40,12 +38,28 @@ def test_compressed_linear_is_the_dequantized_linear(tiny_store):
         assert lin(x[:0]).shape == (0, 5, t.shape[0])
 
 
+def test_compressed_linear_stacks_tensors_by_rows(tiny_store):
+    """Several store tensors of one input width are one weight, their rows stacked in order
+    (transformers' fused gate_up = [w1; w3]), never stacked in memory."""
+    ts = [tiny_store[f"blocks.0.mlp.experts.expert_{e}.wi.weight"] for e in (2, 0)]
+    lin = CompressedLinear(ts)
+    assert lin.weight is None and lin.out_features == 2 * ts[0].shape[0]
+    x = torch.randn(3, ts[0].shape[1])
+    w = np.concatenate([t.decode() for t in ts])
+    want = x.double() @ torch.from_numpy(w).double().T
+    assert torch.allclose(lin(x).double(), want, rtol=0, atol=1e-5)
+    wo = tiny_store["blocks.0.mlp.experts.expert_0.wo.weight"]
+    with pytest.raises(QmoeError, match="input features"):
+        CompressedLinear([ts[0], wo])
+
+
 def test_the_bundled_model_runs_from_its_store(tiny_store):
     """Same logits as the dequantized dense model within fp32 accumulation, and the same
     held-out loss to 4 decimals."""
     model = load_dense(paths.checkpoint("moe-tiny")).eval()
     done = load_model(tiny_store, model, preset="switch")
-    assert len(done["compressed"]) == 64
+    assert len(done["compressed"]) == 64 and done["dequantized"] == done["unused"] == []
+    assert sorted(done["compressed"] + done["dense"]) == sorted(tiny_store)
     assert sum(isinstance(m, CompressedLinear) for m in model.modules()) == 64
     assert not any(n.endswith(("wi.weight", "wo.weight")) for n, _ in model.named_parameters())
     ref = dequantized_model(tiny_store)
@@ -79,8 +93,16 @@ def test_load_model_names_what_the_store_lacks(tiny_store, tmp_path):
         load_model(tiny_store, model, preset="switch")
 
 
-def test_dict16_experts_need_a_fused_matmul(tmp_path):
+def test_dict16_experts_multiply_too():
     store = qmoefmt.open(paths.store("switch-tiny-2bit-dict16.qmoe"))
     t = next(store[n] for n in store if store[n].unit.expert)
+    x = torch.randn(3, t.shape[1])
+    torch.testing.assert_close(CompressedLinear(t)(x), x @ torch.from_numpy(t.decode()).T,
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_a_dense_tensor_is_not_a_compressed_linear():
+    store = qmoefmt.open(paths.store("switch-tiny-2bit-dict16.qmoe"))
+    t = next(store[n] for n in store if not store[n].unit.expert and len(store[n].shape) == 2)
     with pytest.raises(QmoeError, match="no fused matmul"):
         CompressedLinear(t)

@@ -11,9 +11,12 @@ from __future__ import annotations
 import numba as nb
 import numpy as np
 
+from . import cpu_matmul
 from .base import ROW_EXTRA_CODES, ROW_NONZERO_PAD, ROW_OK, ROW_SHORT, DecodeBackend
 
 _PAR = dict(nogil=True, parallel=True, cache=True)
+# below this many codewords (times the batch) a product runs on the calling thread
+SERIAL_CODEWORDS = 16384
 _SEQ = dict(nogil=True, cache=True)
 
 
@@ -87,118 +90,6 @@ def _decode_values(codes, offsets, cols, rec, lb, kb, s0, sp, chain, lo, hi, out
                                 lo[r], hi[r], 1)
 
 
-@nb.njit(**_SEQ)
-def _dot_row(codes, start, n, cols, rec, lb, kb, s0, sp, chain, xt, acc):
-    """One row of Y = X W^T without W: acc[0, :] += X[:, p] for every lo symbol at column
-    p, acc[1, :] for every hi one (xt is X transposed, [cols, batch], so a nonzero adds a
-    contiguous run of batch values). Bounds as in _decode_row. Returns a ROW_* status."""
-    one = np.uint64(1)
-    lmask = (one << np.uint64(lb)) - one
-    kmask = (one << np.uint64(kb)) - one
-    ulb = np.uint64(lb)
-    width = np.uint64(lb + 1)
-    head = np.uint64(lb + kb)
-    batch = xt.shape[1]
-    state = 0
-    pos = 0
-    for j in range(n):
-        if pos >= cols:
-            return ROW_EXTRA_CODES
-        e = (state << 16) | codes[start + j]
-        c = chain[e]
-        state = c & 0xFF
-        length = np.int64(c >> 8)
-        x = rec[e, 0]
-        nnz = np.int64((x >> ulb) & kmask)
-        x >>= head
-        left = s0
-        word = 0
-        for _ in range(nnz):
-            if left == 0:
-                word += 1
-                x = rec[e, word]
-                left = sp
-            p = pos + np.int64(x & lmask)
-            h = np.int64((x >> ulb) & one)
-            x >>= width
-            left -= 1
-            if p >= cols:
-                return ROW_NONZERO_PAD
-            for b in range(batch):
-                acc[h, b] += xt[p, b]
-        pos += length
-    if pos < cols:
-        return ROW_SHORT
-    return ROW_OK
-
-
-@nb.njit(**_SEQ)
-def _dot_row1(codes, start, n, cols, rec, lb, kb, s0, sp, chain, x1, lo, hi):
-    """_dot_row for one input vector, the sums in registers: -> (ROW_* status, y). The
-    selects are multiplications by 0/1 (exact), so no branch depends on the data."""
-    one = np.uint64(1)
-    lmask = (one << np.uint64(lb)) - one
-    kmask = (one << np.uint64(kb)) - one
-    ulb = np.uint64(lb)
-    width = np.uint64(lb + 1)
-    head = np.uint64(lb + kb)
-    slo = np.float32(0.0)
-    shi = np.float32(0.0)
-    state = 0
-    pos = 0
-    for j in range(n):
-        if pos >= cols:
-            return ROW_EXTRA_CODES, np.float32(0.0)
-        e = (state << 16) | codes[start + j]
-        c = chain[e]
-        state = c & 0xFF
-        length = np.int64(c >> 8)
-        x = rec[e, 0]
-        nnz = np.int64((x >> ulb) & kmask)
-        x >>= head
-        left = s0
-        word = 0
-        for _ in range(nnz):
-            if left == 0:
-                word += 1
-                x = rec[e, word]
-                left = sp
-            p = pos + np.int64(x & lmask)
-            h = np.float32((x >> ulb) & one)
-            x >>= width
-            left -= 1
-            if p >= cols:
-                return ROW_NONZERO_PAD, np.float32(0.0)
-            v = x1[p]
-            shi += v * h
-            slo += v - v * h
-        pos += length
-    if pos < cols:
-        return ROW_SHORT, np.float32(0.0)
-    return ROW_OK, lo * slo + hi * shi
-
-
-@nb.njit(**_PAR)
-def _ternary_matmul(codes, offsets, cols, rec, lb, kb, s0, sp, chain, lo, hi, xt, y, status,
-                    blocks):
-    """Rows in `blocks` contiguous blocks (a few per thread), each with one accumulator."""
-    rows = offsets.shape[0] - 1
-    batch = xt.shape[1]
-    for k in nb.prange(blocks):
-        acc = np.empty((2, batch), np.float32)
-        for r in range(k * rows // blocks, (k + 1) * rows // blocks):
-            if batch == 1:
-                status[r], y[0, r] = _dot_row1(codes, offsets[r], offsets[r + 1] - offsets[r],
-                                               cols, rec, lb, kb, s0, sp, chain, xt[:, 0],
-                                               lo[r], hi[r])
-                continue
-            acc[:] = 0
-            status[r] = _dot_row(codes, offsets[r], offsets[r + 1] - offsets[r], cols,
-                                 rec, lb, kb, s0, sp, chain, xt, acc)
-            for b in range(batch):
-                y[b, r] = lo[r] * acc[0, b] + hi[r] * acc[1, b]
-
-
 @nb.njit(**_PAR)
 def _kbit_matmul(packed, bits, cols, group_size, scales, zeros, xt, y, bad, blocks):
     """Y = X W^T for §12 rows: per group, scale * sum of (level - zero) * x, the levels
@@ -269,13 +160,41 @@ class NumbaCPU(DecodeBackend):
                        out, status)
 
     def ternary_matmul(self, codes, offsets, cols, d, lo, hi, xt, y, status) -> None:
-        rows = offsets.shape[0] - 1
-        _ternary_matmul(codes, offsets, cols, *d.runtime_records(), d.runtime_chain(), lo, hi,
-                        xt, y, status, min(rows, 8 * nb.get_num_threads()))
+        slots = d.runtime_slots()
+        if slots is None:          # entries too wide for one word: no ladder dictionary
+            self._ternary_matmul_by_blocks(codes, offsets, cols, d, lo, hi, xt, y, status)
+            return
+        words, lb, k = slots
+        if xt.shape[1] == 1:
+            table, xp = cpu_matmul.matvec_table(xt[:, 0], cols, lb), np.zeros((1, 1), np.float32)
+        else:
+            table, xp = np.zeros(1, np.float32), np.zeros((cols + (1 << lb), xt.shape[1]), np.float32)
+            xp[:cols] = xt
+        args = (codes, offsets, cols, d.runtime_next(), words, lb, k, lo, hi, xp, table, y, status)
+        threads = nb.get_num_threads()
+        if threads == 1 or codes.shape[0] * xt.shape[1] < SERIAL_CODEWORDS:
+            cpu_matmul.ternary_matmul_serial(*args)
+        else:
+            cpu_matmul.ternary_matmul(*args, 4 * threads)
+
+    def _ternary_matmul_by_blocks(self, codes, offsets, cols, d, lo, hi, xt, y, status,
+                                  block: int = 256) -> None:
+        """Dense a block of rows at a time, for dictionaries the fused kernel cannot
+        take: W is never whole, only `block` rows of it."""
+        for r0 in range(0, offsets.shape[0] - 1, block):
+            r1 = min(offsets.shape[0] - 1, r0 + block)
+            w = np.empty((r1 - r0, cols), np.float32)
+            self.ternary_values(codes, offsets[r0:r1 + 1], cols, d, lo[r0:r1], hi[r0:r1], w,
+                                status[r0:r1])
+            y[:, r0:r1] = xt.T @ w.T
 
     def kbit_matmul(self, packed, bits, cols, group_size, scales, zeros, xt, y, bad) -> None:
-        _kbit_matmul(np.ascontiguousarray(packed), bits, cols, group_size, scales,
-                     np.ascontiguousarray(zeros), xt, y, bad,
+        packed, zeros = np.ascontiguousarray(packed), np.ascontiguousarray(zeros)
+        if xt.shape[1] == 1 and bits in (2, 4) and group_size % (8 // bits) == 0:
+            cpu_matmul.kbit_matvec(packed, bits, cols, group_size, scales, zeros,
+                                   cpu_matmul.kbit_matvec_input(xt[:, 0], bits), y, bad)
+            return
+        _kbit_matmul(packed, bits, cols, group_size, scales, zeros, xt, y, bad,
                      min(packed.shape[0], 8 * nb.get_num_threads()))
 
     def unpack_levels(self, packed, bits, cols, out, bad) -> None:

@@ -8,8 +8,9 @@ name what to report.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import ClassVar, Protocol
+from typing import Callable, ClassVar, Protocol
 
 import numpy as np
 
@@ -37,6 +38,38 @@ class TensorArrays(Protocol):
     def load_dictionary(self): ...
 
 
+@dataclass(eq=False)
+class RuntimeWeight:
+    """A coded 2-D weight ready to multiply: its arrays validated once and held as the
+    kernels take them, so that a forward pass checks nothing again. Backend-neutral: the
+    CPU and GPU kernels, the torch modules and the expert budget all take this. Its
+    per-tensor arrays are the fields listed in `moved` (a device copy moves those; the
+    dictionary's tables are shared per dictionary and stay where they are)."""
+    where: str
+    shape: tuple[int, int]
+    moved: ClassVar[tuple[str, ...]] = ()
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {n: getattr(self, n) for n in self.moved}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(int(a.nbytes) for a in self.arrays().values())
+
+    def copy(self, move: Callable[[np.ndarray], object]) -> RuntimeWeight:
+        """The same weight with every per-tensor array replaced by move(array)."""
+        return dataclasses.replace(self, **{n: move(a) for n, a in self.arrays().items()})
+
+    def matmul(self, x: np.ndarray, backend=None) -> np.ndarray:
+        """x float32 [batch, in] -> float32 [batch, out] = x W^T, fp32 accumulation."""
+        raise NotImplementedError
+
+    def check_input(self, x: np.ndarray) -> None:
+        if x.ndim != 2 or x.shape[1] != self.shape[1]:
+            raise ValueError(f"{self.where}: input of shape {list(x.shape)} for a weight of "
+                             f"{self.shape[1]} columns")
+
+
 class Codec:
     """A codec id's meaning. Subclasses set the class attributes and override what applies."""
 
@@ -45,6 +78,7 @@ class Codec:
     arrays: ClassVar[tuple[str, ...]]     # the arrays a tensor of this codec has, exactly
     expert: ClassVar[bool] = True         # quantized expert weights (inspect's "experts")
     uses_dictionary: ClassVar[bool] = False
+    multiplies: ClassVar[bool] = False     # has a decode-matmul (`runtime`)
     # arrays whose bytes are bfloat16 bits, declared as such in their zarr.json (spec §7)
     bfloat16_arrays: ClassVar[tuple[str, ...]] = ()
     # float dtypes that hold every value decode() gives exactly
@@ -69,6 +103,15 @@ class Codec:
                 rows: slice | None = None) -> np.ndarray:
         """[rows, cols] of what the codec quantized to (ternary symbols or levels)."""
         raise NotApplicableError(f"{t.name} is stored {self.id}; it has no symbols (use decode())")
+
+    def runtime(self, t: TensorArrays, check_crc: bool = True) -> RuntimeWeight:
+        """The 2-D weight as a RuntimeWeight (codecs with a decode-matmul define it)."""
+        raise NotApplicableError(f"{t.name} is stored {self.id}; it has no decode-matmul "
+                                 "(decode() it)")
+
+    def matmul(self, t: TensorArrays, x: np.ndarray, check_crc: bool = True,
+               backend=None) -> np.ndarray:
+        return self.runtime(t, check_crc).matmul(x, backend)
 
     def check(self, t: TensorArrays, deep: bool) -> None:
         """verify's codec part, after every array was checked against `array_specs`:

@@ -2,19 +2,41 @@
 the symbols dictionary-coded, bf16 (lo, hi) per row."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
-from ..dictionaries.stream import decode_symbols, decode_values, encode, matmul_values
+from ..dictionaries.stream import (decode_symbols, decode_values, encode, matmul_rows,
+                                  row_offsets)
+from ..dictionaries.tables import Dictionary
 from ..errors import FormatError
 from ..format import bf16
 from ..format import constants as C
-from .base import ArraySpec, TensorArrays
+from .base import ArraySpec, RuntimeWeight, TensorArrays
 from .coded_stream import DictionaryCoded
+
+
+@dataclass(eq=False)
+class TernaryWeight(RuntimeWeight):
+    """A ternary-dict16 weight: codewords, checked row offsets, float32 (lo, hi) per row,
+    and its dictionary (whose runtime tables are built once per dictionary)."""
+    codes: np.ndarray
+    offsets: np.ndarray
+    lo: np.ndarray
+    hi: np.ndarray
+    dictionary: Dictionary
+    moved = ("codes", "offsets", "lo", "hi")
+
+    def matmul(self, x: np.ndarray, backend=None) -> np.ndarray:
+        """Per row only two sums, of the inputs under lo symbols and of those under hi."""
+        return matmul_rows(self.codes, self.offsets, self.shape[1], self.dictionary, self.lo,
+                           self.hi, x, self.where, backend)
 
 
 class TernaryDict16(DictionaryCoded):
     id = C.CODEC_TERNARY
     since = "1.0"
+    multiplies = True
     arrays = ("codes", "row_codes", "scales")
     bfloat16_arrays = ("scales",)
     exact_dtypes = ("bfloat16", "float32", "float64")     # the values are the bf16 scales
@@ -45,13 +67,12 @@ class TernaryDict16(DictionaryCoded):
         return decode_values(codes, rc, t.rows_cols[1], d, lo, hi, t.where, backend=backend,
                              rows=rows)
 
-    def matmul(self, t: TensorArrays, x: np.ndarray, check_crc: bool = True,
-               backend=None) -> np.ndarray:
-        """Y = X W^T from the codewords: per row only two sums, of the inputs under lo
-        symbols and of those under hi."""
+    def runtime(self, t: TensorArrays, check_crc: bool = True) -> TernaryWeight:
         codes, rc, d = self.coded(t, check_crc)
         lo, hi = self.scales(t, check_crc)
-        return matmul_values(codes, rc, t.rows_cols[1], d, lo, hi, x, t.where, backend=backend)
+        rows, cols = t.rows_cols
+        return TernaryWeight(t.where, (rows, cols), codes,
+                             row_offsets(rc, codes.shape[0], cols, t.where), lo, hi, d)
 
     def check_params(self, t: TensorArrays) -> None:
         self.scales(t, check_crc=False)

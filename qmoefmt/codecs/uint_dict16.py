@@ -9,15 +9,18 @@ that pair and back; the ternary stream itself is §5's (`dictionaries.stream`).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
-from ..dictionaries.stream import decode_symbols, encode
+from ..dictionaries.stream import decode_symbols, encode, row_offsets, symbols_rows
+from ..dictionaries.tables import Dictionary
 from ..errors import FormatError
 from ..format import constants as C
 from ..format.constants import index_dtype
-from .base import ArraySpec, TensorArrays
+from .base import ArraySpec, RuntimeWeight, TensorArrays
 from .coded_stream import DictionaryCoded
-from .kbit_grid import KbitGrid
+from .kbit_grid import KbitGrid, dequantize
 
 
 def _zero_points(zeros: np.ndarray, cols: int, group_size: int) -> np.ndarray:
@@ -109,9 +112,48 @@ def coded_bytes(n_codes: int, rows: int, cols: int, n_escapes: int) -> int:
     return 2 * n_codes + 2 * it * rows + (it + 1) * n_escapes
 
 
+@dataclass(eq=False)
+class DictLevelsWeight(RuntimeWeight):
+    """A uint-dict16 weight. Not fused yet (the ternary kernel takes one scale pair per
+    row, not per group, and no escapes): W is decoded `BLOCK` rows at a time, never
+    whole."""
+    codes: np.ndarray
+    offsets: np.ndarray
+    counts: np.ndarray
+    ends: np.ndarray
+    escape_cols: np.ndarray
+    escape_levels: np.ndarray
+    scales: np.ndarray
+    zeros: np.ndarray
+    dictionary: Dictionary
+    bits: int
+    group_size: int
+    moved = ("codes", "offsets", "counts", "ends", "escape_cols", "escape_levels", "scales",
+             "zeros")
+    BLOCK = 256
+
+    def matmul(self, x: np.ndarray, backend=None) -> np.ndarray:
+        self.check_input(x)
+        rows, cols = self.shape
+        x = np.asarray(x, np.float32)
+        y = np.zeros((x.shape[0], rows), np.float32)
+        for a in range(0, rows, self.BLOCK):
+            b = min(rows, a + self.BLOCK)
+            ternary = symbols_rows(self.codes, self.offsets[a:b + 1], cols, self.dictionary,
+                                   self.where, backend, first=a)
+            e0, e1 = int(self.ends[a]), int(self.ends[b])
+            levels = merge(ternary, self.zeros[a:b], self.group_size, self.bits,
+                           self.counts[a:b], self.escape_cols[e0:e1], self.escape_levels[e0:e1],
+                           self.where, first_row=a)
+            w = dequantize(levels, self.scales[a:b], self.zeros[a:b], self.group_size)
+            y[:, a:b] = x @ w.T
+        return y
+
+
 class UintDict16(KbitGrid, DictionaryCoded):
     id = C.CODEC_UINT_DICT
     since = "1.2"
+    multiplies = True
     arrays = ("codes", "row_codes", "row_escapes", "escape_cols", "escape_levels",
               "scales", "zeros")
 
@@ -140,6 +182,24 @@ class UintDict16(KbitGrid, DictionaryCoded):
             counts, cols_e, levels_e = counts[a:b], cols_e[e0:e1], levels_e[e0:e1]
         return merge(ternary, zeros, t.record["group_size"], bits, counts, cols_e, levels_e,
                      t.where, first_row=a)
+
+    def runtime(self, t: TensorArrays, check_crc: bool = True) -> DictLevelsWeight:
+        codes, rc, d = self.coded(t, check_crc)
+        rows, cols = t.rows_cols
+        bits, _ = self.params(t)
+        counts, cols_e, levels_e = (t.array(n, check_crc) for n in ("row_escapes", "escape_cols",
+                                                                    "escape_levels"))
+        ends = np.zeros(rows + 1, np.int64)
+        np.cumsum(counts, dtype=np.int64, out=ends[1:])
+        if int(ends[-1]) != len(cols_e):
+            raise FormatError(t.where, f"row_escapes sum to {int(ends[-1])} but escape_cols "
+                                       f"holds {len(cols_e)}")
+        return DictLevelsWeight(t.where, (rows, cols), codes,
+                                row_offsets(rc, codes.shape[0], cols, t.where), np.asarray(counts),
+                                ends, np.asarray(cols_e), np.asarray(levels_e),
+                                np.ascontiguousarray(self.float_scales(t, check_crc)),
+                                np.ascontiguousarray(self.zero_points(t, check_crc)), d, bits,
+                                t.record["group_size"])
 
     def ternary_stream(self, t: TensorArrays, symbols: np.ndarray) -> np.ndarray:
         # symbols() checked every escape against the stream; the stream is the signs

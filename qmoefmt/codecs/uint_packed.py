@@ -4,13 +4,15 @@ bf16 scale and a uint8 zero point; value = scale * (level - zero).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numba as nb
 import numpy as np
 
 from .. import backends
 from ..errors import FormatError
 from ..format import constants as C
-from .base import ArraySpec, TensorArrays
+from .base import ArraySpec, RuntimeWeight, TensorArrays
 from .kbit_grid import KbitGrid
 
 
@@ -65,9 +67,35 @@ def unpack_levels(packed: np.ndarray, bits: int, cols: int, where: str = "tensor
     return out
 
 
+@dataclass(eq=False)
+class PackedWeight(RuntimeWeight):
+    """A uint-packed weight: packed rows, float32 scales and uint8 zero points per group."""
+    q: np.ndarray
+    scales: np.ndarray
+    zeros: np.ndarray
+    bits: int
+    group_size: int
+    moved = ("q", "scales", "zeros")
+
+    def matmul(self, x: np.ndarray, backend=None) -> np.ndarray:
+        """Y = X W^T from the packed levels, unpacked on the fly."""
+        self.check_input(x)
+        rows, cols = self.shape
+        y = np.zeros((x.shape[0], rows), np.float32)
+        bad = np.zeros(rows, np.uint8)
+        if rows and cols and x.shape[0]:
+            backends.get(backend).kbit_matmul(self.q, self.bits, cols, self.group_size,
+                                              self.scales, self.zeros,
+                                              np.ascontiguousarray(x.T, np.float32), y, bad)
+        if bad.any():
+            raise FormatError(self.where, f"row {int(np.argmax(bad))}: nonzero padding bits in q")
+        return y
+
+
 class UintPacked(KbitGrid):
     id = C.CODEC_UINT
     since = "1.1"
+    multiplies = True
     arrays = ("q", "scales", "zeros")
 
     def array_specs(self, t: TensorArrays) -> dict[str, ArraySpec]:
@@ -81,25 +109,14 @@ class UintPacked(KbitGrid):
         q = t.array("q", check_crc)[rows[0]:rows[1]]
         return unpack_levels(q, bits, t.rows_cols[1], t.where, backend)
 
-    def matmul(self, t: TensorArrays, x: np.ndarray, check_crc: bool = True,
-               backend=None) -> np.ndarray:
-        """Y = X W^T from the packed levels; the grid is validated as decode() does."""
-        rows, cols = t.rows_cols
+    def runtime(self, t: TensorArrays, check_crc: bool = True) -> PackedWeight:
+        """The grid validated as decode() validates it; the padding bits are checked by
+        the kernel, on every product."""
         bits, _ = self.params(t)
-        if x.ndim != 2 or x.shape[1] != cols:
-            raise ValueError(f"{t.where}: input of shape {list(x.shape)} for a weight of "
-                             f"{cols} columns")
-        q = t.array("q", check_crc)
-        zeros = self.zero_points(t, check_crc)
-        scales = np.ascontiguousarray(self.float_scales(t, check_crc))
-        y = np.zeros((x.shape[0], rows), np.float32)
-        bad = np.zeros(rows, np.uint8)
-        if rows and cols and x.shape[0]:
-            backends.get(backend).kbit_matmul(q, bits, cols, t.record["group_size"], scales,
-                                              zeros, np.ascontiguousarray(x.T, np.float32), y, bad)
-        if bad.any():
-            raise FormatError(t.where, f"row {int(np.argmax(bad))}: nonzero padding bits in q")
-        return y
+        return PackedWeight(t.where, t.rows_cols, np.ascontiguousarray(t.array("q", check_crc)),
+                            np.ascontiguousarray(self.float_scales(t, check_crc)),
+                            np.ascontiguousarray(self.zero_points(t, check_crc)), bits,
+                            t.record["group_size"])
 
     def check(self, t: TensorArrays, deep: bool) -> None:
         if deep:

@@ -224,14 +224,21 @@ def decode_symbols(codes: np.ndarray, row_codes: np.ndarray, cols: int, d: Dicti
     sees it."""
     offsets = row_offsets(row_codes, codes.shape[0], cols, where)
     a, b = row_range(rows, len(offsets) - 1)
-    offsets, n = offsets[a:b + 1], b - a
+    return symbols_rows(codes, offsets[a:b + 1], cols, d, where, backend, first=a)
+
+
+def symbols_rows(codes: np.ndarray, offsets: np.ndarray, cols: int, d: Dictionary,
+                 where: str = "tensor", backend=None, first: int = 0) -> np.ndarray:
+    """`decode_symbols` of the rows whose checked offsets (`row_offsets`, sliced) are
+    given, the first of them row `first` of the tensor (for error messages)."""
+    n = len(offsets) - 1
     out = np.zeros((n, cols), np.int8) if not (n and cols) else np.empty((n, cols), np.int8)
     status = np.zeros(n, np.uint8)
     if n and cols:
         backends.get(backend).ternary_symbols(codes, offsets, cols, d, out, status)
     elif n:
         status[:] = np.diff(offsets) > 0
-    _raise_status(status, where, a)
+    _raise_status(status, where, first)
     return out
 
 
@@ -262,7 +269,15 @@ def matmul_values(codes: np.ndarray, row_codes: np.ndarray, cols: int, d: Dictio
                   backend=None) -> np.ndarray:
     """Y = X W^T (as nn.Linear computes it) for W what `decode_values` gives, without
     decoding W: x float32 [batch, cols] -> float32 [batch, rows]."""
-    offsets = row_offsets(row_codes, codes.shape[0], cols, where)
+    return matmul_rows(codes, row_offsets(row_codes, codes.shape[0], cols, where), cols, d,
+                       np.asarray(lo, np.float32), np.asarray(hi, np.float32), x, where, backend)
+
+
+def matmul_rows(codes: np.ndarray, offsets: np.ndarray, cols: int, d: Dictionary,
+                lo: np.ndarray, hi: np.ndarray, x: np.ndarray, where: str = "tensor",
+                backend=None) -> np.ndarray:
+    """`matmul_values` with the row offsets already checked (`row_offsets`) and lo, hi
+    float32: what a runtime weight holds, so that a forward pass redoes none of it."""
     rows = len(offsets) - 1
     if x.ndim != 2 or x.shape[1] != cols:
         raise ValueError(f"{where}: input of shape {list(x.shape)} for a weight of {cols} columns")
@@ -270,8 +285,7 @@ def matmul_values(codes: np.ndarray, row_codes: np.ndarray, cols: int, d: Dictio
     status = np.zeros(rows, np.uint8)
     if rows and cols and x.shape[0]:
         xt = np.ascontiguousarray(x.T, dtype=np.float32)
-        backends.get(backend).ternary_matmul(codes, offsets, cols, d, np.asarray(lo, np.float32),
-                                             np.asarray(hi, np.float32), xt, y, status)
+        backends.get(backend).ternary_matmul(codes, offsets, cols, d, lo, hi, xt, y, status)
     elif rows and not cols:
         status[:] = np.diff(offsets) > 0
     _raise_status(status, where)

@@ -42,6 +42,7 @@ class Dictionary:
     _runtime: object = field(default=None, repr=False, compare=False)
     _content_id: str | None = field(default=None, repr=False, compare=False)
     _chain: object = field(default=None, repr=False, compare=False)
+    _slots: object = field(default=None, repr=False, compare=False)
 
     @property
     def n_states(self) -> int:
@@ -76,6 +77,33 @@ class Dictionary:
                 rec[:, word] |= slot << u(at)
             self._runtime = (rec, lb, kb, s0, sp)
         return self._runtime
+
+    def runtime_slots(self) -> tuple[np.ndarray, int, int] | None:
+        """The matmul kernels' entries, one uint64 word each, never stored: [length |
+        slot 0 | slot 1 ...], LB bits for the length and LB + 2 a slot, slot i being
+        3 * offset + class (class 0 for a slot past the entry's nonzeros, 1 lo, 2 hi),
+        so that a kernel reads (offset, class) as one index into a [position, class]
+        table. -> (words [S * 65536], LB, K slots), or None when K slots do not fit a
+        word (no ladder dictionary, nor QMoE's)."""
+        if self._slots is None:
+            s, c, k = self.nz_pos.shape
+            lb = max(1, int(self.length.max()).bit_length())
+            if lb + k * (lb + 2) > 64:
+                self._slots = False
+            else:
+                u = np.uint64
+                words = self.length.astype(u).reshape(-1).copy()
+                for i in range(k):
+                    cls = np.where(i < self.nnz, self.nz_sym[:, :, i], 0).astype(u)
+                    slot = self.nz_pos[:, :, i].astype(u) * u(3) + cls
+                    words |= slot.reshape(-1) << u(lb + i * (lb + 2))
+                self._slots = (words, lb, k)
+        return self._slots or None
+
+    def runtime_next(self) -> np.ndarray:
+        """next_state flattened to [S * 65536], the (state << 16 | codeword) index the
+        kernels use: the matmul kernels' state chain, a byte an entry so it stays in L2."""
+        return self.next_state.reshape(-1)
 
     def runtime_chain(self) -> np.ndarray:
         """uint32 next_state | length << 8 per (state, codeword): what the decoder needs to

@@ -1,0 +1,33 @@
+"""Tiny transformers MoE models for the tests (Mixtral's fused experts, Switch's
+per-expert linears), built the same way by every test module that needs one."""
+from __future__ import annotations
+
+E, H, I = 4, 32, 48                  # experts, hidden, expert intermediate
+
+
+def mixtral(layers: int = 2, intermediate: int = I, experts: int = E):
+    import torch
+    import transformers
+    torch.manual_seed(0)
+    cfg = transformers.MixtralConfig(
+        vocab_size=64, hidden_size=H, intermediate_size=intermediate, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, num_local_experts=experts,
+        num_experts_per_tok=2, max_position_embeddings=64)
+    return transformers.MixtralForCausalLM(cfg).eval()
+
+
+def switch():
+    import torch
+    import transformers
+    torch.manual_seed(0)
+    cfg = transformers.SwitchTransformersConfig(
+        vocab_size=64, d_model=H, d_kv=8, d_ff=I, num_layers=1, num_decoder_layers=1,
+        num_heads=4, num_experts=E, encoder_sparse_step=1, decoder_sparse_step=1,
+        expert_capacity=6)           # small: some routed tokens overflow and reach no expert
+    model = transformers.SwitchTransformersForConditionalGeneration(cfg).eval()
+    # Expert 3 of the first encoder layer ties expert 0 everywhere; argmax takes the first
+    # maximum, so expert 3 receives no tokens.
+    router = model.encoder.block[0].layer[1].mlp.router.classifier
+    with torch.no_grad():
+        router.weight[3] = router.weight[0]
+    return model
