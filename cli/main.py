@@ -115,7 +115,8 @@ def pack(input_path, output, experts, preset, dictionary, method, calibration, a
         f"  store         {s.store_bytes:,} bytes, {s.bits_per_param:.3f} bits/param\n"
         f"  vs bf16       {_ratio_words(d['ratio_vs_bf16'])}\n"
         f"  time          {s.seconds:.2f} s ({s.params / s.seconds / 1e6:.1f} M params/s)\n"
-        f"  dictionaries  {len(s.dictionaries)}")
+        f"  dictionaries  {len(s.dictionaries)}"
+        + (f"\n  attachments   {', '.join(s.attachments)}" if s.attachments else ""))
 
 
 def _ratio_words(ratio) -> str:
@@ -191,7 +192,7 @@ def calibrate(output, model_path, tokens, sequential, bits, group_size, act_orde
 @click.option("--all", "show_all", is_flag=True, help="List every tensor (default: first 50).")
 @clean_errors
 def inspect(store, as_json, show_all):
-    """Show a store's format version, completeness and tensors."""
+    """Show a store's format version, completeness, attachments and tensors."""
     import qmoefmt
     from qmoefmt.store.summary import summarize
 
@@ -203,6 +204,8 @@ def inspect(store, as_json, show_all):
                f"{'complete' if s['complete'] else 'INCOMPLETE'}")
     for d in s["dictionaries"]:
         click.echo(f"  dictionary {d['id'][:19]}…  {d['kind']} {d['params']}")
+    for a in s["attachments"]:
+        click.echo(f"  attachment {a['name']}  {a['bytes']:,} bytes  sha256:{a['sha256'][:12]}…")
     rows = s["tensors"] if show_all else s["tensors"][:50]
     width = max([len(t["name"]) for t in rows] + [4])
     click.echo(f"  {'name':<{width}}  {'shape':<14} {'codec':<20} {'zeros':>6} {'bytes':>12} {'bits/param':>10}")
@@ -269,6 +272,10 @@ def unpack(store, output, as_json):
         click.echo(json.dumps({"output": output, "tensors": n, "bytes": os.path.getsize(output)}))
     else:
         click.echo(f"wrote {n} tensors to {output}")
+
+
+from .run import run  # noqa: E402 - registered last: run.py imports the helpers above
+main.add_command(run)
 
 
 if __name__ == "__main__":

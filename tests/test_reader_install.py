@@ -28,7 +28,7 @@ STORES = {
 }
 # The modules that import torch when imported; the rest of the package must not.
 TORCH_MODULES = {
-    "qmoefmt.calibration", "qmoefmt.demo.model", "qmoefmt.quantize.calibration",
+    "qmoefmt.calibration", "qmoefmt.demo.generate", "qmoefmt.demo.model", "qmoefmt.quantize.calibration",
     "qmoefmt.quantize.collector", "qmoefmt.quantize.gptq", "qmoefmt.quantize.grids",
     "qmoefmt.quantize.sequential", "qmoefmt.torch",
 }
