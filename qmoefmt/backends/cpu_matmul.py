@@ -191,7 +191,21 @@ def matvec_table(x: np.ndarray, cols: int, lb: int) -> np.ndarray:
     return t.reshape(-1)
 
 
-@nb.njit(nogil=True, parallel=True, cache=True, fastmath={"reassoc", "contract"})
+_REASSOC = {"reassoc", "contract"}
+
+
+@nb.njit(nogil=True, cache=True, fastmath=_REASSOC)
+def _level_dot(q, xs, shift, mask, zero):
+    """sum over the bytes of (level at `shift` of q[i] - zero) * xs[i]: one contiguous
+    pass that LLVM vectorises (given 1-D slices and a loop from 0; with offsets into the
+    2-D arrays it did not, 6x slower)."""
+    acc = np.float32(0.0)
+    for i in range(q.shape[0]):
+        acc += (np.float32((q[i] >> shift) & mask) - zero) * xs[i]
+    return acc
+
+
+@nb.njit(nogil=True, parallel=True, cache=True, fastmath=_REASSOC)
 def kbit_matvec(packed, bits, cols, group_size, scales, zeros, xq, y, bad):
     """y = W x for §12 rows of `bits` in (2, 4), a group a whole number of bytes: per
     group, scale * sum of (level - zero) * x. Level s of each byte is taken for all the
@@ -203,18 +217,17 @@ def kbit_matvec(packed, bits, cols, group_size, scales, zeros, xq, y, bad):
     mask = (1 << bits) - 1
     full = cols // per                   # bytes whose levels are all inside the row
     gbytes = group_size // per
+    groups = scales.shape[1]
     for r in nb.prange(rows):
         out = np.float32(0.0)
-        for g in range(scales.shape[1]):
+        for g in range(groups):
             i0 = g * gbytes
             i1 = min(full, i0 + gbytes)
             z = np.float32(zeros[r, g])
             acc = np.float32(0.0)
             for s in range(per):
-                for i in range(i0, i1):
-                    level = np.float32((packed[r, i] >> (bits * s)) & mask)
-                    acc += (level - z) * xq[s, i]
-            if i1 == full and full * per < cols:       # the row's last, partial byte
+                acc += _level_dot(packed[r, i0:i1], xq[s, i0:i1], bits * s, mask, z)
+            if g == groups - 1 and full * per < cols:     # the row's last, partial byte
                 last = packed[r, full]
                 for s in range(cols - full * per):
                     acc += (np.float32((last >> (bits * s)) & mask) - z) * xq[s, full]
