@@ -127,3 +127,18 @@ def test_matmul_refusals():
     three_d = next(edge[n] for n in edge if len(edge[n].shape) == 3 and edge[n].unit.expert)
     with pytest.raises(NotApplicableError, match="2-D"):
         three_d.matmul(np.zeros(three_d.shape[-1], np.float32))
+
+
+@pytest.mark.parametrize("store", ["switch-tiny-2bit-dict16.qmoe", "edge-2bit-g16-dict16.qmoe"])
+def test_dict16_runtime_weights_check_once_then_multiply_fused(store):
+    """The first product decodes and checks the escapes against the stream; later ones
+    (fused where a row has one group) give the same result within fp32 rounding."""
+    rng = np.random.default_rng(1)
+    for t in tensors(store):
+        if t.codec != "qmoe.uint-dict16" or len(t.shape) != 2:
+            continue
+        w, dense = t.runtime(), t.decode()
+        for batch in (1, 5, 16):
+            x = rng.standard_normal((batch, t.shape[1])).astype(np.float32)
+            assert_matmul_close(w.matmul(x), x, dense)
+        assert w.checked

@@ -168,8 +168,7 @@ class NumbaCPU(DecodeBackend):
         if xt.shape[1] == 1:
             table, xp = cpu_matmul.matvec_table(xt[:, 0], cols, lb), np.zeros((1, 1), np.float32)
         else:
-            table, xp = np.zeros(1, np.float32), np.zeros((cols + (1 << lb), xt.shape[1]), np.float32)
-            xp[:cols] = xt
+            table, xp = np.zeros(1, np.float32), np.ascontiguousarray(xt.T)
         args = (codes, offsets, cols, d.runtime_next(), words, lb, k, lo, hi, xp, table, y, status)
         threads = nb.get_num_threads()
         if threads == 1 or codes.shape[0] * xt.shape[1] < SERIAL_CODEWORDS:
@@ -190,9 +189,14 @@ class NumbaCPU(DecodeBackend):
 
     def kbit_matmul(self, packed, bits, cols, group_size, scales, zeros, xt, y, bad) -> None:
         packed, zeros = np.ascontiguousarray(packed), np.ascontiguousarray(zeros)
-        if xt.shape[1] == 1 and bits in (2, 4) and group_size % (8 // bits) == 0:
-            cpu_matmul.kbit_matvec(packed, bits, cols, group_size, scales, zeros,
-                                   cpu_matmul.kbit_matvec_input(xt[:, 0], bits), y, bad)
+        if bits in (2, 4) and group_size % (8 // bits) == 0:
+            if xt.shape[1] == 1:
+                cpu_matmul.kbit_matvec(packed, bits, cols, group_size, scales, zeros,
+                                       cpu_matmul.kbit_matvec_input(xt[:, 0], bits), y, bad)
+            else:
+                cpu_matmul.kbit_matmul(packed, bits, cols, group_size, scales, zeros,
+                                       cpu_matmul.kbit_matmul_input(xt, bits), y, bad,
+                                       min(packed.shape[0], 4 * nb.get_num_threads()))
             return
         _kbit_matmul(packed, bits, cols, group_size, scales, zeros, xt, y, bad,
                      min(packed.shape[0], 8 * nb.get_num_threads()))

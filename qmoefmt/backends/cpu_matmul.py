@@ -1,5 +1,5 @@
-"""The Numba CPU decode-matmul kernels: Y = X W^T straight from a ternary stream (§5.2),
-never holding W.
+"""The Numba CPU decode-matmul kernels: Y = X W^T straight from a ternary stream (§5.2)
+or from §12 packed levels, never holding W (at most one row of it, in a buffer).
 
 A ternary row is a chain: each codeword's state comes from its predecessor's entry, one
 dependent load per codeword (~10 ns from L2), so a row walked alone runs at the chain's
@@ -10,8 +10,13 @@ buffer; phase 2 reads that buffer in order, with no dependent loads left, and ad
 inputs under each row's nonzeros. A slot is 3 * offset + class, an index into a table
 of [position, class] rows: (0, 0) for class 0, (x, 0) for lo and (x, x) for hi with one
 input vector, so the first FIXED_SLOTS slots of every entry are taken with no branch on
-how many nonzeros it has (that count is close to random: a loop over it mispredicts);
-for a batch, class c's slot adds its input row into accumulator c, and 0's is dropped.
+how many nonzeros it has (that count is close to random: a loop over it mispredicts).
+For a batch, phase 2 writes the row's values into a buffer instead and takes one
+vectorised dot product per input row.
+
+The k-bit kernels unpack level s of every byte of a group in one pass against inputs
+permuted the same way (column per * i + s at s * bytes + i), so that both operands are
+contiguous and LLVM vectorises the loop.
 
 Safety, as in cpu.py: entries come from (state < S, codeword < 65536), with states from
 validated tables; a codeword is read only while the row's position is inside the row,
@@ -30,6 +35,7 @@ _SEQ = dict(nogil=True, cache=True)
 _U = np.uint64
 LOCKSTEP_ROWS = 32        # rows whose chains phase 1 walks together
 FIXED_SLOTS = 4           # slots phase 2 takes unrolled; an entry's later ones in a loop
+_REASSOC = {"reassoc", "contract"}      # lets LLVM vectorise a sum (order: within fp32 rounding)
 
 
 @nb.njit(**_SEQ)
@@ -104,12 +110,14 @@ def _row_matvec(words, k0, n, cols, lb, k_slots, table):
 
 
 @nb.njit(**_SEQ)
-def _row_matmul(words, k0, n, cols, lb, k_slots, xt, acc):
-    """Phase 2 for a batch: acc[c] += X[:, p] for each slot of class c at column p (xt is
-    X transposed, padded: a nonzero adds a contiguous run of batch values). -> status."""
+def _row_values(words, k0, n, cols, lb, k_slots, lo, hi, row):
+    """Phase 2 for a batch: the row's values written into `row` (zeroed, float32
+    [cols + 2^LB + 1]; a class-0 slot writes its last element, so no branch depends on
+    how many nonzeros an entry has), for dense dot products with each input row: one
+    vectorised pass each, where adding a batch run per nonzero was 3-4x slower. -> status."""
     lmask = (_U(1) << _U(lb)) - _U(1)
     smask = (_U(1) << _U(lb + 2)) - _U(1)
-    batch = xt.shape[1]
+    spare = row.shape[0] - 1
     pos = 0
     for k in range(k0, k0 + n):
         if pos >= cols:
@@ -121,14 +129,22 @@ def _row_matmul(words, k0, n, cols, lb, k_slots, xt, acc):
             s >>= _U(lb + 2)
             off = u // 3
             c = u - 3 * off
-            for j in range(batch):
-                acc[c, j] += xt[pos + off, j]
+            row[pos + off if c else spare] = hi if c == 2 else lo
         pos += np.int64(w & lmask)
     return _end_status(words, k0, k0 + n, pos, cols, lb, k_slots, False)
 
 
+@nb.njit(nogil=True, cache=True, fastmath=_REASSOC)
+def _dot(a, b):
+    """sum of a * b over 1-D slices, vectorised (reassociated: within fp32 rounding)."""
+    acc = np.float32(0.0)
+    for i in range(a.shape[0]):
+        acc += a[i] * b[i]
+    return acc
+
+
 @nb.njit(**_SEQ)
-def _ternary_blocks(b0, b1, codes, offsets, cols, nxt, slots, lb, k_slots, lo, hi, xt, table,
+def _ternary_blocks(b0, b1, codes, offsets, cols, nxt, slots, lb, k_slots, lo, hi, x, table,
                     y, status):
     """Both phases for blocks b0..b1 of LOCKSTEP_ROWS rows, with one set of buffers."""
     rows = offsets.shape[0] - 1
@@ -141,7 +157,7 @@ def _ternary_blocks(b0, b1, codes, offsets, cols, nxt, slots, lb, k_slots, lo, h
     state = np.empty(LOCKSTEP_ROWS, np.int64)
     start = np.empty(LOCKSTEP_ROWS, np.int64)
     count = np.empty(LOCKSTEP_ROWS, np.int64)
-    acc = np.empty((3, batch), np.float32)
+    row = np.empty(cols + (1 << lb) + 1, np.float32)
     for blk in range(b0, b1):
         r0 = blk * LOCKSTEP_ROWS
         r1 = min(rows, r0 + LOCKSTEP_ROWS)
@@ -154,32 +170,31 @@ def _ternary_blocks(b0, b1, codes, offsets, cols, nxt, slots, lb, k_slots, lo, h
                 status[r], t, h = _row_matvec(words, k0, n, cols, lb, k_slots, table)
                 y[0, r] = lo[r] * (t - h) + hi[r] * h
                 continue
-            acc[:] = 0
-            status[r] = _row_matmul(words, k0, n, cols, lb, k_slots, xt, acc)
+            row[:] = 0
+            status[r] = _row_values(words, k0, n, cols, lb, k_slots, lo[r], hi[r], row)
             for j in range(batch):
-                y[j, r] = lo[r] * acc[1, j] + hi[r] * acc[2, j]
+                y[j, r] = _dot(row[:cols], x[j])
 
 
 @nb.njit(**_PAR)
-def ternary_matmul(codes, offsets, cols, nxt, slots, lb, k_slots, lo, hi, xt, table, y,
+def ternary_matmul(codes, offsets, cols, nxt, slots, lb, k_slots, lo, hi, x, table, y,
                    status, chunks):
     """Y = X W^T for a §5.2 stream, y float32 [batch, rows]: with one input vector from
-    `table` (see _row_matvec), else from xt float32 [cols + 2^LB, batch], X transposed
-    and padded with zero rows. The blocks of LOCKSTEP_ROWS rows are split into `chunks`
+    `table` (see _row_matvec), else from x float32 [batch, cols] (see _row_values). The blocks of LOCKSTEP_ROWS rows are split into `chunks`
     runs of consecutive blocks, run in parallel (1: on the calling thread)."""
     blocks = (offsets.shape[0] + LOCKSTEP_ROWS - 2) // LOCKSTEP_ROWS
     for c in nb.prange(chunks):
         _ternary_blocks(c * blocks // chunks, (c + 1) * blocks // chunks, codes, offsets, cols,
-                        nxt, slots, lb, k_slots, lo, hi, xt, table, y, status)
+                        nxt, slots, lb, k_slots, lo, hi, x, table, y, status)
 
 
 @nb.njit(**_SEQ)
-def ternary_matmul_serial(codes, offsets, cols, nxt, slots, lb, k_slots, lo, hi, xt, table, y,
+def ternary_matmul_serial(codes, offsets, cols, nxt, slots, lb, k_slots, lo, hi, x, table, y,
                           status):
     """ternary_matmul on the calling thread: for products too small to be worth waking
     the thread pool."""
     _ternary_blocks(0, (offsets.shape[0] + LOCKSTEP_ROWS - 2) // LOCKSTEP_ROWS, codes, offsets,
-                    cols, nxt, slots, lb, k_slots, lo, hi, xt, table, y, status)
+                    cols, nxt, slots, lb, k_slots, lo, hi, x, table, y, status)
 
 
 def matvec_table(x: np.ndarray, cols: int, lb: int) -> np.ndarray:
@@ -189,9 +204,6 @@ def matvec_table(x: np.ndarray, cols: int, lb: int) -> np.ndarray:
     t[:cols, 1, 0] = x
     t[:cols, 2, :] = x[:, None]
     return t.reshape(-1)
-
-
-_REASSOC = {"reassoc", "contract"}
 
 
 @nb.njit(nogil=True, cache=True, fastmath=_REASSOC)
@@ -239,8 +251,64 @@ def kbit_matvec(packed, bits, cols, group_size, scales, zeros, xq, y, bad):
 
 def kbit_matvec_input(x: np.ndarray, bits: int) -> np.ndarray:
     """kbit_matvec's xq for input vector x: [per, ceil(cols / per)], zero past cols."""
+    return kbit_matmul_input(x[:, None], bits).reshape(8 // bits, -1)
+
+
+@nb.njit(nogil=True, cache=True, fastmath=_REASSOC)
+def _level_values(q, out, shift, mask, zero, scale):
+    for i in range(q.shape[0]):
+        out[i] = (np.float32((q[i] >> shift) & mask) - zero) * scale
+
+
+@nb.njit(nogil=True, cache=True, fastmath=_REASSOC)
+def _kbit_rows(r0, r1, packed, bits, cols, group_size, scales, zeros, xq, y, bad):
+    """Rows r0..r1 of kbit_matmul, with one row buffer."""
     per = 8 // bits
-    n = -(-x.shape[0] // per)
-    xq = np.zeros(n * per, np.float32)
-    xq[:x.shape[0]] = x
-    return np.ascontiguousarray(xq.reshape(n, per).T)
+    mask = (1 << bits) - 1
+    n = xq.shape[1] // per               # bytes a row, the partial last one included
+    full = cols // per
+    gbytes = group_size // per
+    groups = scales.shape[1]
+    row = np.zeros(per * n, np.float32)  # level s of byte i at s * n + i
+    for r in range(r0, r1):
+        for g in range(groups):
+            i0 = g * gbytes
+            i1 = min(full, i0 + gbytes)
+            z = np.float32(zeros[r, g])
+            sc = scales[r, g]
+            for s in range(per):
+                _level_values(packed[r, i0:i1], row[s * n + i0:s * n + i1], bits * s, mask,
+                              z, sc)
+        if full < n:                     # the row's last, partial byte: the last group's
+            last = packed[r, full]
+            z = np.float32(zeros[r, groups - 1])
+            for s in range(cols - full * per):
+                row[s * n + full] = (np.float32((last >> (bits * s)) & mask) - z) * \
+                    scales[r, groups - 1]
+            if last >> (bits * (cols - full * per)):
+                bad[r] = 1
+        for j in range(xq.shape[0]):
+            y[j, r] = _dot(row, xq[j])
+
+
+@nb.njit(nogil=True, parallel=True, cache=True)
+def kbit_matmul(packed, bits, cols, group_size, scales, zeros, xq, y, bad, chunks):
+    """Y = X W^T for §12 rows of `bits` in (2, 4), a group a whole number of bytes, for a
+    batch: each row dequantized into a buffer in the order kbit_matvec reads levels in,
+    then one vectorised dot product with each row of X permuted the same way (xq float32
+    [batch, per * bytes a row], see kbit_matmul_input). Rows in `chunks` parallel runs."""
+    rows = packed.shape[0]
+    for c in nb.prange(chunks):
+        _kbit_rows(c * rows // chunks, (c + 1) * rows // chunks, packed, bits, cols,
+                   group_size, scales, zeros, xq, y, bad)
+
+
+def kbit_matmul_input(xt: np.ndarray, bits: int) -> np.ndarray:
+    """kbit_matmul's xq from X transposed [cols, batch]: column per * i + s of X at
+    s * n + i (n = bytes a row), zero past cols."""
+    per = 8 // bits
+    cols, batch = xt.shape
+    n = -(-cols // per)
+    xp = np.zeros((n * per, batch), np.float32)
+    xp[:cols] = xt
+    return np.ascontiguousarray(xp.reshape(n, per, batch).transpose(2, 1, 0).reshape(batch, per * n))

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..dictionaries.stream import decode_symbols, encode, row_offsets, symbols_rows
+from ..dictionaries.stream import (decode_symbols, encode, matmul_rows, row_offsets,
+                                  symbols_rows)
 from ..dictionaries.tables import Dictionary
 from ..errors import FormatError
 from ..format import constants as C
@@ -114,9 +115,12 @@ def coded_bytes(n_codes: int, rows: int, cols: int, n_escapes: int) -> int:
 
 @dataclass(eq=False)
 class DictLevelsWeight(RuntimeWeight):
-    """A uint-dict16 weight. Not fused yet (the ternary kernel takes one scale pair per
-    row, not per group, and no escapes): W is decoded `BLOCK` rows at a time, never
-    whole."""
+    """A uint-dict16 weight. With one group a row (the default grid) W = s * t + E: t the
+    ternary stream's -1/0/+1, s the row's scale, E the escapes' corrections, so the
+    product is the ternary kernel's with (lo, hi) = (-s, s) plus a short correction list.
+    That needs every escape to agree with the stream (§13), which only decoding shows: the
+    first product decodes the weight `BLOCK` rows at a time (as grouped grids always do)
+    and checks it; later ones are fused."""
     codes: np.ndarray
     offsets: np.ndarray
     counts: np.ndarray
@@ -128,14 +132,34 @@ class DictLevelsWeight(RuntimeWeight):
     dictionary: Dictionary
     bits: int
     group_size: int
+    checked: bool = False
     moved = ("codes", "offsets", "counts", "ends", "escape_cols", "escape_levels", "scales",
              "zeros")
     BLOCK = 256
 
     def matmul(self, x: np.ndarray, backend=None) -> np.ndarray:
         self.check_input(x)
-        rows, cols = self.shape
         x = np.asarray(x, np.float32)
+        if self.checked and self.group_size >= self.shape[1]:
+            return self._fused(x, backend)
+        y = self._by_blocks(x, backend)
+        self.checked = True
+        return y
+
+    def _fused(self, x: np.ndarray, backend) -> np.ndarray:
+        rows, cols = self.shape
+        s = np.ascontiguousarray(self.scales[:, 0]) if rows and cols else np.zeros(rows, np.float32)
+        y = matmul_rows(self.codes, self.offsets, cols, self.dictionary, -s, s, x, self.where,
+                        backend)
+        if self.escape_cols.size:
+            r = np.repeat(np.arange(rows), self.counts)
+            step = self.escape_levels.astype(np.float32) - self.zeros[r, 0].astype(np.float32)
+            corr = s[r] * (step - np.sign(step))        # the stream already added s * sign
+            np.add.at(y.T, r, (x[:, self.escape_cols.astype(np.int64)] * corr).T)
+        return y
+
+    def _by_blocks(self, x: np.ndarray, backend) -> np.ndarray:
+        rows, cols = self.shape
         y = np.zeros((x.shape[0], rows), np.float32)
         for a in range(0, rows, self.BLOCK):
             b = min(rows, a + self.BLOCK)
