@@ -1,6 +1,8 @@
 """Fused decode-matmul Y = X W^T from the compressed arrays vs torch's dense X @ W.T:
-ternary codewords (golomb-v2f at P(0) 0.885 and 0.93) and 2-bit bit-packed levels
-(uint-packed, per-row RTN min-max of gaussian weights).
+ternary codewords (golomb-v2f at P(0) 0.885 and 0.93), 2-bit bit-packed levels
+(uint-packed, per-row RTN min-max of gaussian weights) and 2-bit dictionary-coded levels
+(uint-dict16, one group a row, levels drawn as 2-bit GPTQ experts have them: 70% on the
+zero point, 29% one step off, 1% two).
 
 Cold, as an MoE runs its experts: each call takes the next of enough distinct experts
 that their dense fp32 weights exceed --cold-gb; hot: one expert again and again. Times
@@ -21,8 +23,9 @@ import torch
 from qmoefmt.dictionaries import build_golomb
 from qmoefmt.dictionaries.golomb import ladder_point
 from qmoefmt.codecs.kbit_grid import dequantize
+from qmoefmt.codecs.uint_dict16 import DictLevelsWeight, split
 from qmoefmt.codecs.uint_packed import pack_levels
-from qmoefmt.dictionaries.stream import decode_values, encode, matmul_values
+from qmoefmt.dictionaries.stream import decode_values, encode, matmul_values, row_offsets
 from qmoefmt.quantize.grids import kbit_rtn
 from qmoefmt import backends
 
@@ -62,6 +65,26 @@ def kbit_experts(shape, n: int, rng):
     return out
 
 
+def dict16_experts(shape, n: int, rng):
+    """n 2-bit uint-dict16 experts: [(DictLevelsWeight, fp32, bf16)]."""
+    rows, cols = shape
+    d = build_golomb(ladder_point(0.70))
+    out = []
+    for _ in range(n):
+        step = rng.choice([-2, -1, 0, 1, 2], size=(rows, cols), p=[0.005, 0.145, 0.70, 0.145, 0.005])
+        zeros = np.full((rows, 1), 2, np.uint8)
+        levels = (step + 2).astype(np.uint8)
+        ternary, counts, cols_e, levels_e = split(levels, zeros, cols)
+        codes, rc = encode(ternary, d)
+        sc = (np.abs(rng.standard_normal((rows, 1))).astype(np.float32) / 64)
+        ends = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
+        w = DictLevelsWeight("bench", shape, codes, row_offsets(rc, len(codes), cols), counts,
+                             ends, cols_e, levels_e, sc, zeros, d, 2, cols, checked=True)
+        dense = torch.from_numpy(dequantize(levels, sc, zeros, cols))
+        out.append((w, dense, dense.to(torch.bfloat16)))
+    return out
+
+
 def median_us(fn, items, reps: int) -> float:
     """Median of one call each on items, in turn (cold when they are many)."""
     fn(items[0])                                   # compile / warm the code, not the data
@@ -72,6 +95,8 @@ def median_us(fn, items, reps: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="two shapes, P(0) 0.885 only")
+    ap.add_argument("--kinds", nargs="+", default=None,
+                    help="of 0.885 0.93 2-bit dict16 (default: all; --quick: 0.885 2-bit)")
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--p0", type=float, nargs="+", default=[0.885, 0.93])
@@ -80,6 +105,8 @@ def main() -> None:
     args = ap.parse_args()
     shapes = [(768, 3072), (4096, 14336)] if args.quick else SWITCH + LARGE
     p0s = [0.885] if args.quick else args.p0
+    kinds = ([float(k) if k[0].isdigit() and "." in k else k for k in args.kinds] if args.kinds
+             else p0s + ["2-bit"] + ([] if args.quick else ["dict16"]))
     rng = np.random.default_rng(0)
     print(f"numba {numba.__version__}, torch {torch.__version__}; cold = rotating over "
           f">= {args.cold_gb} GB of fp32 weights")
@@ -90,8 +117,13 @@ def main() -> None:
     for shape in shapes:
         rows, cols = shape
         n = max(2, math.ceil(args.cold_gb * 2**30 / (rows * cols * 4)))
-        for p0 in p0s + ["2-bit"]:
-            if p0 == "2-bit":
+        for p0 in kinds:
+            if p0 == "dict16":
+                items = dict16_experts(shape, n, rng)
+
+                def ours(it, x):
+                    it[0].matmul(x)
+            elif p0 == "2-bit":
                 items = kbit_experts(shape, n, rng)
 
                 def ours(it, x):
