@@ -36,6 +36,7 @@ _U = np.uint64
 LOCKSTEP_ROWS = 32        # rows whose chains phase 1 walks together
 FIXED_SLOTS = 4           # slots phase 2 takes unrolled; an entry's later ones in a loop
 _REASSOC = {"reassoc", "contract"}      # lets LLVM vectorise a sum (order: within fp32 rounding)
+LONG_GROUP = 256          # bytes of a k-bit group from which kbit_matvec takes whole bytes
 
 
 @nb.njit(**_SEQ)
@@ -210,20 +211,40 @@ def matvec_table(x: np.ndarray, cols: int, lb: int) -> np.ndarray:
 def _level_dot(q, xs, shift, mask, zero):
     """sum over the bytes of (level at `shift` of q[i] - zero) * xs[i]: one contiguous
     pass that LLVM vectorises (given 1-D slices and a loop from 0; with offsets into the
-    2-D arrays it did not, 6x slower)."""
+    2-D arrays it did not, 6x slower). Short groups: _byte_dot's longer loop body costs
+    more than it saves below a few hundred bytes (2.8x slower at 32)."""
     acc = np.float32(0.0)
     for i in range(q.shape[0]):
         acc += (np.float32((q[i] >> shift) & mask) - zero) * xs[i]
     return acc
 
 
+@nb.njit(nogil=True, cache=True, fastmath=_REASSOC)
+def _byte_dot(q, x0, x1, x2, x3, bits, zero):
+    """sum over the bytes q[i] of (level s - zero) * xs[i] for each of its levels s (4 at 2
+    bits, x0..x3; 2 at 4 bits, x0, x1) in one pass, one add into the running sum a byte
+    rather than a level: 13% faster than _level_dot over a whole row."""
+    acc = np.float32(0.0)
+    if bits == 2:
+        for i in range(q.shape[0]):
+            b = q[i]
+            acc += (((np.float32(b & 3) - zero) * x0[i] + (np.float32((b >> 2) & 3) - zero) * x1[i])
+                    + ((np.float32((b >> 4) & 3) - zero) * x2[i]
+                       + (np.float32(b >> 6) - zero) * x3[i]))
+    else:
+        for i in range(q.shape[0]):
+            b = q[i]
+            acc += (np.float32(b & 15) - zero) * x0[i] + (np.float32(b >> 4) - zero) * x1[i]
+    return acc
+
+
 @nb.njit(nogil=True, parallel=True, cache=True, fastmath=_REASSOC)
 def kbit_matvec(packed, bits, cols, group_size, scales, zeros, xq, y, bad):
     """y = W x for §12 rows of `bits` in (2, 4), a group a whole number of bytes: per
-    group, scale * sum of (level - zero) * x. Level s of each byte is taken for all the
-    group's bytes in one pass, against xq[s, i] = x[per * i + s] (per = 8 // bits levels
-    a byte), so both operands are contiguous and the loop vectorises; reassociating the
-    sum changes it only within fp32 rounding."""
+    group, scale * sum of (level - zero) * x, against xq[s, i] = x[per * i + s] (per =
+    8 // bits levels a byte), so that level s of every byte meets a contiguous run of
+    inputs and the loop vectorises; reassociating the sum changes it only within fp32
+    rounding."""
     rows = packed.shape[0]
     per = 8 // bits
     mask = (1 << bits) - 1
@@ -236,9 +257,13 @@ def kbit_matvec(packed, bits, cols, group_size, scales, zeros, xq, y, bad):
             i0 = g * gbytes
             i1 = min(full, i0 + gbytes)
             z = np.float32(zeros[r, g])
-            acc = np.float32(0.0)
-            for s in range(per):
-                acc += _level_dot(packed[r, i0:i1], xq[s, i0:i1], bits * s, mask, z)
+            if gbytes >= LONG_GROUP:
+                acc = _byte_dot(packed[r, i0:i1], xq[0, i0:i1], xq[1, i0:i1],
+                                xq[min(2, per - 1), i0:i1], xq[per - 1, i0:i1], bits, z)
+            else:
+                acc = np.float32(0.0)
+                for s in range(per):
+                    acc += _level_dot(packed[r, i0:i1], xq[s, i0:i1], bits * s, mask, z)
             if g == groups - 1 and full * per < cols:     # the row's last, partial byte
                 last = packed[r, full]
                 for s in range(cols - full * per):

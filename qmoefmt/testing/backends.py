@@ -17,7 +17,7 @@ from typing import ClassVar
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from .. import backends
@@ -307,6 +307,8 @@ class DecodeBackendTests:
     @SETTINGS
     @given(rows=st.integers(1, 6), cols=WIDTHS, group=st.sampled_from([1, 3, 16, 128, None]),
            batch=st.sampled_from([1, 2, 16]) | st.integers(0, 5), seed=st.integers(0, 2**32 - 1))
+    @example(rows=3, cols=2051, group=None, batch=1, seed=0)      # long groups, partial byte
+    @example(rows=3, cols=2051, group=1024, batch=1, seed=1)
     def test_kbit_matmul_equals_decode_then_dense(self, bits, rows, cols, group, batch, seed):
         """§12 rows times X, per group scale * (level - zero), within fp32 rounding of the
         dequantized product; rows with padding bits set are flagged, only those."""
