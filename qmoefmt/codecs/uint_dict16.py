@@ -133,6 +133,7 @@ class DictLevelsWeight(RuntimeWeight):
     bits: int
     group_size: int
     checked: bool = False
+    _corrections: tuple | None = None
     moved = ("codes", "offsets", "counts", "ends", "escape_cols", "escape_levels", "scales",
              "zeros")
     BLOCK = 256
@@ -148,15 +149,26 @@ class DictLevelsWeight(RuntimeWeight):
 
     def _fused(self, x: np.ndarray, backend) -> np.ndarray:
         rows, cols = self.shape
-        s = np.ascontiguousarray(self.scales[:, 0]) if rows and cols else np.zeros(rows, np.float32)
+        if self._corrections is None:
+            self._corrections = self._escape_corrections()
+        s, er, ec, ew = self._corrections
         y = matmul_rows(self.codes, self.offsets, cols, self.dictionary, -s, s, x, self.where,
                         backend)
-        if self.escape_cols.size:
-            r = np.repeat(np.arange(rows), self.counts)
-            step = self.escape_levels.astype(np.float32) - self.zeros[r, 0].astype(np.float32)
-            corr = s[r] * (step - np.sign(step))        # the stream already added s * sign
-            np.add.at(y.T, r, (x[:, self.escape_cols.astype(np.int64)] * corr).T)
+        for j in range(x.shape[0] if ec.size else 0):
+            y[j] += np.bincount(er, weights=x[j, ec] * ew, minlength=rows).astype(np.float32)
         return y
+
+    def _escape_corrections(self):
+        """(row scales, and per escape its row, column and weight s * (step - sign)): the
+        stream already adds s * sign(step) at an escape's column."""
+        rows, cols = self.shape
+        s = (np.ascontiguousarray(self.scales[:, 0]) if rows and cols
+             else np.zeros(rows, np.float32))
+        er = np.repeat(np.arange(rows), self.counts)
+        if not er.size:
+            return s, er, er, np.zeros(0)
+        step = self.escape_levels.astype(np.float64) - self.zeros[er, 0].astype(np.float64)
+        return s, er, self.escape_cols.astype(np.int64), s[er] * (step - np.sign(step))
 
     def _by_blocks(self, x: np.ndarray, backend) -> np.ndarray:
         rows, cols = self.shape
