@@ -80,12 +80,18 @@ class SafetensorsWriter:
             missing = [name for name, _, _ in self._entries[self._next :]]
             self.abort()
             raise ValueError(f"{self.path}: closed before writing tensors {missing}")
-        # fsync before the rename, or a crash could leave a complete-looking file of zeros.
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        self._file = None
-        os.replace(self.partial_path, self.path)
+        try:
+            # fsync before the rename, or a crash could leave a complete-looking file of zeros.
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            self._file = None
+            os.replace(self.partial_path, self.path)
+        except BaseException:
+            # __exit__ does not abort when close() itself fails (a full disk, a directory
+            # at the final path): without this the whole partial file would stay behind.
+            self.abort()
+            raise
 
     def abort(self) -> None:
         """Close and delete the partial file; the final path is never created."""

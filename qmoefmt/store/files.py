@@ -39,6 +39,8 @@ def load_json(path: Path, limit: int = MAX_NODE_METADATA):
 def read_root(root: Path) -> dict:
     """The root's qmoefmt attributes, with checksum and version checked."""
     path = root / C.ROOT_META
+    if not root.exists():
+        raise FormatError(str(root), "does not exist")
     if not root.is_dir():
         raise FormatError(str(root), "not a directory (a store is a directory)")
     raw = read_metadata(path, MAX_ROOT_METADATA, "missing: not a qmoefmt store")
