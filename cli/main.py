@@ -27,13 +27,21 @@ def _fail(msg: str) -> None:
 
 
 def clean_errors(fn):
-    """Bad input is a one-line error and exit 1; so is a bug, flagged as one."""
+    """Bad input is a one-line error and exit 1; so is a bug, flagged as one. A closed
+    stdout (`qmoefmt inspect S | head -1`) ends silently with 141, as SIGPIPE would."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except QmoeError as e:
             _fail(str(e))
+        except BrokenPipeError:
+            # Not an error of ours: the reader has what it wanted. stdout goes to devnull so
+            # the interpreter's final flush of what is still buffered cannot raise again
+            # (Python's signal docs); 141 = 128 + SIGPIPE, what a shell reports for a tool
+            # the signal ended, and never 0, which from verify would mean "sound".
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(141)
         except OSError as e:
             _fail(f"{e.filename or ''}: {e.strerror or e}")
         except (click.exceptions.Exit, click.ClickException, SystemExit, KeyboardInterrupt):
@@ -86,13 +94,17 @@ def main():
 @click.option("--group-size", type=click.IntRange(min=1), default=None,
               help="2/3/4-bit: one scale and zero point per this many columns (default: per row).")
 @click.option("--resume", is_flag=True, help="Finish an interrupted pack into OUTPUT.")
+@click.option("--strict", is_flag=True,
+              help="GPTQ: fail, leaving no complete store, if any expert falls back to round "
+                   "to nearest (no calibration tokens, a failed Cholesky factorization).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @clean_errors
 def pack(input_path, output, experts, preset, dictionary, method, calibration, act_order, device,
-         bits, kbit_codec, group_size, resume, as_json):
+         bits, kbit_codec, group_size, resume, strict, as_json):
     """Pack the checkpoint INPUT (safetensors, .pt/.bin, HDF5) into the store OUTPUT."""
     from qmoefmt.io.checkpoint import open_checkpoint
     from qmoefmt.pack import PackOptions, pack as run_pack
+    from qmoefmt.pack.executor import fallback_words
 
     options = PackOptions(experts=tuple(experts), preset=preset, dictionary=dictionary,
                           method=method, bits=bits, group_size=group_size,
@@ -102,7 +114,10 @@ def pack(input_path, output, experts, preset, dictionary, method, calibration, a
     with open_checkpoint(input_path) as ckpt:
         total = sum(s.nbytes for s in ckpt.tensors())
     with _bar(total, "B", "pack", unit_scale=True) as bar:
-        s = run_pack(input_path, output, options, resume=resume, progress=bar.update)
+        s = run_pack(input_path, output, options, resume=resume, progress=bar.update,
+                     strict=strict)
+    for warning in s.warnings():
+        click.echo(f"warning: {warning}", err=True)
     d = s.as_dict()
     if as_json:
         click.echo(json.dumps(d, indent=2))
@@ -116,7 +131,10 @@ def pack(input_path, output, experts, preset, dictionary, method, calibration, a
         f"  vs bf16       {_ratio_words(d['ratio_vs_bf16'])}\n"
         f"  time          {s.seconds:.2f} s ({s.params / s.seconds / 1e6:.1f} M params/s)\n"
         f"  dictionaries  {len(s.dictionaries)}"
-        + (f"\n  attachments   {', '.join(s.attachments)}" if s.attachments else ""))
+        + (f"\n  attachments   {', '.join(s.attachments)}" if s.attachments else "")
+        + (f"\n  gptq          {s.gptq_experts - len(s.fallback_tensors)} of {s.gptq_experts} "
+           "experts" + (f", round to nearest: {fallback_words(s.fallbacks)}" if s.fallbacks
+                        else "") if s.gptq_experts else ""))
 
 
 def _ratio_words(ratio) -> str:
@@ -258,16 +276,18 @@ def verify(store, deep, as_json):
 @main.command()
 @click.argument("store", type=click.Path(exists=True))
 @click.argument("output", type=click.Path())
+@click.option("--force", is_flag=True, help="Overwrite OUTPUT if it is an existing file.")
 @click.option("--json", "as_json", is_flag=True, help="Print {output, tensors, bytes} as JSON.")
 @clean_errors
-def unpack(store, output, as_json):
-    """Write a store's weights to OUTPUT.safetensors, experts dequantized."""
+def unpack(store, output, force, as_json):
+    """Write a store's weights to OUTPUT.safetensors, experts dequantized; an existing
+    OUTPUT is refused unless --force is given."""
     import qmoefmt
     from qmoefmt.io.unpack import unpack as run_unpack
 
     st = qmoefmt.open(store)
     with _bar(len(st), "tensor", "unpack") as bar:
-        n = run_unpack(st, output, progress=bar.update)
+        n = run_unpack(st, output, progress=bar.update, force=force)
     if as_json:
         click.echo(json.dumps({"output": output, "tensors": n, "bytes": os.path.getsize(output)}))
     else:

@@ -14,13 +14,62 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
+from ..format import constants as C
 from ..io.checkpoint import open_checkpoint
-from ..store.files import tree_size
-from ..store.writer import StoreWriter, write_arrays
+from ..store.files import read_root, tree_size
+from ..store.writer import StoreExistsError, StoreWriter, write_arrays
 from . import stages
 from .options import PackError, PackOptions
-from .plan import Plan, gptq_batches
+from .plan import QUANTIZABLE, Plan, gptq_batches, known_fallbacks
+
+
+def fallback_words(fallbacks: dict) -> str:
+    """{"rtn-no-tokens": 3} -> "3 rtn-no-tokens", as messages and the summary show it."""
+    return ", ".join(f"{n} {reason}" for reason, n in fallbacks.items())
+
+
+def _flag_value(key: str, value) -> str:
+    if key == "calibration" and isinstance(value, dict):
+        return f"{value.get('name')} (sha256 {str(value.get('sha256'))[:12]})"
+    return "not given" if value is None else repr(value)
+
+
+def _check_resume(output_path, meta: dict) -> None:
+    """Refuses a resume under other options naming the options, before the writer's own
+    check (which names only the root member): `--experts ['a'] (interrupted: ['b'])`."""
+    root = Path(output_path)
+    if not (root / C.ROOT_META).is_file():
+        return
+    old = read_root(root)
+    if old.get("complete") or not isinstance(old.get("pack"), dict):
+        return      # the writer says why
+    now = meta["pack"]
+    if old.get("plan") != meta["plan"]:
+        raise StoreExistsError(f"{root / C.ROOT_META}: cannot resume: the interrupted pack "
+                               "read another checkpoint (other tensor names, shapes or "
+                               "dtypes); start over in a new directory")
+    differ = [k for k in dict.fromkeys([*now, *old["pack"]]) if now.get(k) != old["pack"].get(k)]
+    if differ:
+        raise StoreExistsError(
+            f"{root / C.ROOT_META}: cannot resume: the interrupted pack had other settings: "
+            + "; ".join(f"--{k.replace('_', '-')} {_flag_value(k, now.get(k))} (interrupted: "
+                        f"{_flag_value(k, old['pack'].get(k))})" for k in differ)
+            + "; resume with its settings or start over in a new directory")
+
+
+def _refuse_fallbacks(found: list, where, written: bool) -> None:
+    """--strict: any expert rounded to nearest instead of GPTQ is an error. `where`: the
+    calibration file when it shows the fallbacks, else the store."""
+    counts: dict[str, int] = {}
+    for _, reason in found:
+        counts[reason] = counts.get(reason, 0) + 1
+    names = ", ".join(n for n, _ in found[:5]) + (", ..." if len(found) > 5 else "")
+    state = "the store is left incomplete (not committed)" if written else "nothing was written"
+    verb = "fell back" if written else "would fall back"
+    raise PackError(f"{where}: --strict: {len(found)} experts {verb} from GPTQ to round to nearest "
+                    f"({fallback_words(dict(sorted(counts.items())))}: {names}); {state}")
 
 
 @dataclass
@@ -35,6 +84,10 @@ class PackSummary:
     seconds: float = 0.0
     dictionaries: list = field(default_factory=list)
     attachments: list = field(default_factory=list)     # their names (spec §14)
+    skipped: list = field(default_factory=list)         # [name, reason]: selected, kept dense
+    gptq_experts: int = 0                               # experts through --method gptq
+    fallbacks: dict = field(default_factory=dict)       # GPTQ status -> experts rounded to nearest
+    fallback_tensors: list = field(default_factory=list)  # [name, status] of each of them
 
     @property
     def bits_per_param(self) -> float:
@@ -46,6 +99,38 @@ class PackSummary:
                  ratio_vs_bf16=(16 / self.bits_per_param) if self.store_bytes else None,
                  params_per_second=self.params / self.seconds if self.seconds else None)
         return d
+
+    def warnings(self) -> list[str]:
+        """One line each: what the pack did that its options may not have meant."""
+        out = []
+        if self.skipped:
+            shown = ", ".join(f"{n} ({why})" for n, why in self.skipped[:5])
+            more = f", ... ({len(self.skipped)} in all)" if len(self.skipped) > 5 else ""
+            out.append(f"{len(self.skipped)} tensors selected as experts stay dense: "
+                       f"{shown}{more}; only {QUANTIZABLE}")
+        if self.fallbacks:
+            n = len(self.fallback_tensors)
+            names = ", ".join(t for t, _ in self.fallback_tensors[:3]) + (", ..." if n > 3 else "")
+            out.append(f"GPTQ fell back to round to nearest for {n} of {self.gptq_experts} "
+                       f"experts ({fallback_words(self.fallbacks)}: {names}); --strict "
+                       "makes this an error")
+        return out
+
+    def count_fallbacks(self, records: list[dict]) -> None:
+        """GPTQ's per-expert statuses from the records (resumed ones included): every
+        status but "gptq" is an expert rounded to nearest instead. A fused tensor records
+        a list, one status per expert."""
+        for r in records:
+            status = r.get("quantizer", {}).get("status")
+            if status is None:
+                continue
+            for e, st in enumerate(status if isinstance(status, list) else [status]):
+                self.gptq_experts += 1
+                if st != "gptq":
+                    self.fallbacks[st] = self.fallbacks.get(st, 0) + 1
+                    name = f"{r['name']}[{e}]" if isinstance(status, list) else r["name"]
+                    self.fallback_tensors.append([name, st])
+        self.fallbacks = dict(sorted(self.fallbacks.items()))
 
     def add(self, src, expert: bool) -> None:
         n = math.prod(src.shape)
@@ -95,19 +180,31 @@ def _open_calibration(options: PackOptions):
 
 
 def pack(input_path, output_path, options: PackOptions, resume: bool = False,
-         progress=None) -> PackSummary:
+         progress=None, strict: bool = False) -> PackSummary:
     """Pack a checkpoint into a store. `progress(nbytes)` is called after each tensor.
     The output is a function of the input and the options alone: no timestamps, no
-    machine-dependent choices, so a resumed pack equals an uninterrupted one byte for byte."""
+    machine-dependent choices, so a resumed pack equals an uninterrupted one byte for byte.
+    `strict`: an expert GPTQ rounds to nearest instead is an error, raised before the
+    store exists where the calibration file shows it, else before the commit. It is not
+    an option of the store: it changes whether one is made, never its bytes."""
     options.validate()
     t0 = time.perf_counter()
     summary = PackSummary()
     with open_checkpoint(input_path) as ckpt:
         plan = Plan.make(ckpt, input_path, options)
         calibration = _open_calibration(options)
+        known = known_fallbacks(plan, calibration) if strict and calibration is not None else []
+        if known:
+            _refuse_fallbacks(known, options.calibration, written=False)
+        if resume:
+            _check_resume(output_path, plan.meta)
         writer = StoreWriter(output_path, plan.meta, resume=resume)
         records = _run(plan, options, writer, calibration, resume, summary, progress)
+        summary.count_fallbacks(records)
+        if strict and summary.fallback_tensors:
+            _refuse_fallbacks(summary.fallback_tensors, output_path, written=True)
         writer.commit(records)
+    summary.skipped = [list(t) for t in plan.skipped]
     summary.dictionaries = sorted(writer.dictionaries)
     summary.attachments = [e["name"] for e in plan.meta.get("attachments", [])]
     summary.store_bytes = tree_size(output_path)

@@ -15,7 +15,7 @@ from ..format import metadata as M
 from ..format.attachments import lowest_version
 from ..io.attachments import source_attachments
 from ..selection import ExpertSelector
-from .options import PackOptions
+from .options import PackError, PackOptions
 
 # GPTQ batches of same-shape experts (QMoE quantizes a layer's experts as one 3-D batch).
 # The cap bounds the batch's float32 weights and Hessians.
@@ -25,7 +25,56 @@ GPTQ_BATCH_WINDOW = 256
 
 
 def is_expert(selector: ExpertSelector, name: str, shape, dtype: str) -> bool:
-    return selector(name) and len(shape) >= 2 and dtype in C.FLOAT_DTYPES
+    return selector(name) and skip_reason(shape, dtype) is None
+
+
+QUANTIZABLE = "float tensors of 2 or more dimensions are quantized"
+
+
+def skip_reason(shape, dtype: str) -> str | None:
+    """Why a tensor whose name is selected still stays dense, or None if it is quantized."""
+    if len(shape) < 2:
+        return f"{len(shape)}-D"
+    if dtype not in C.FLOAT_DTYPES:
+        return f"dtype {dtype}"
+    return None
+
+
+def describe_selection(options: PackOptions) -> str:
+    """The options that select experts, as the user typed them."""
+    parts = [f"--preset {options.preset}"] if options.preset else []
+    return " ".join(parts + [f"--experts {g!r}" for g in options.experts])
+
+
+def _listed(items: list[str], at_most: int = 5) -> str:
+    more = f", ... ({len(items)} in all)" if len(items) > at_most else ""
+    return ", ".join(items[:at_most]) + more
+
+
+def select_experts(sources, input_path, options: PackOptions) -> tuple[list[bool], list]:
+    """Which sources are quantized as experts, and the (name, reason) of those selected by
+    name but kept dense. Selecting none is an error, raised before the store exists: a
+    store of dense tensors alone is never what `pack` was asked for (a preset for another
+    architecture, a mistyped glob)."""
+    selector = ExpertSelector(options.experts, options.preset)
+    experts, skipped = [], []
+    for s in sources:
+        why = skip_reason(s.shape, s.dtype) if selector(s.name) else None
+        experts.append(selector(s.name) and why is None)
+        if why is not None:
+            skipped.append((s.name, why))
+    if any(experts):
+        return experts, skipped
+    where = f"{input_path}: {describe_selection(options)} selects no expert tensor"
+    if skipped:
+        raise PackError(f"{where}: the {len(skipped)} tensors it matches stay dense ("
+                        + _listed([f"{n}: {why}" for n, why in skipped]) + "); only "
+                        + QUANTIZABLE)
+    # Tensors a user would call experts, to show what the globs should have matched.
+    alike = [s.name for s in sources if "expert" in s.name.lower()]
+    raise PackError(f"{where}; " + (f"tensors named like experts: {_listed(alike)}" if alike
+                                    else "no tensor name contains 'expert'")
+                    + "; give --experts GLOB or another --preset")
 
 
 @dataclass
@@ -36,12 +85,12 @@ class Plan:
     params_left: list[int]    # expert weights from each tensor to the end (what a new
                               # dictionary would serve)
     meta: dict                # the root's metadata
+    skipped: list             # (name, reason) of tensors selected by name but kept dense
 
     @classmethod
     def make(cls, ckpt, input_path, options: PackOptions) -> "Plan":
         sources = list(ckpt.tensors())
-        selector = ExpertSelector(options.experts, options.preset)
-        experts = [is_expert(selector, s.name, s.shape, s.dtype) for s in sources]
+        experts, skipped = select_experts(sources, input_path, options)
         left = np.cumsum([math.prod(s.shape) if e else 0
                           for s, e in zip(sources, experts)][::-1])[::-1]
         digest = hashlib.sha256(M.dumps(
@@ -57,7 +106,7 @@ class Plan:
         if attachments:     # absent, not empty: a store without any keeps its pre-1.3 bytes
             meta["attachments"] = attachments
         return cls(sources, M.tensor_paths([s.name for s in sources]), experts,
-                   [int(n) for n in left], meta)
+                   [int(n) for n in left], meta, skipped)
 
 
 def recorded_options(options: PackOptions) -> dict:
@@ -95,3 +144,27 @@ def gptq_batches(sources, experts, todo, calibration) -> dict[int, list[int]]:
             batches[i] = run
         run.append(i)
     return {i: run for i, run in batches.items() if len(run) > 1}
+
+
+# The reason GPTQ records for an expert the calibration file does not name.
+NO_CALIBRATION = "rtn-no-calibration"
+
+
+def known_fallbacks(plan: Plan, calibration) -> list[tuple[str, str]]:
+    """The (expert, reason) that GPTQ will round to nearest, as far as the calibration file
+    tells before any work: experts it lacks, and experts it counts no tokens for (a fused
+    tensor's expert e as NAME[e]). A Cholesky failure shows only when GPTQ runs."""
+    from ..quantize.gptq import STATUS_NO_TOKENS
+    out = []
+    for src, expert in zip(plan.sources, plan.experts):
+        if not expert:
+            continue
+        if src.name not in calibration:
+            out.append((src.name, NO_CALIBRATION))
+            continue
+        count = calibration.tokens[src.name]
+        if isinstance(count, list):
+            out += [(f"{src.name}[{e}]", STATUS_NO_TOKENS) for e, c in enumerate(count) if c == 0]
+        elif count == 0:
+            out.append((src.name, STATUS_NO_TOKENS))
+    return out
