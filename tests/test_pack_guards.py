@@ -143,7 +143,7 @@ def test_strict_late_fallback_leaves_store_incomplete(model):
     out = model / "s.qmoe"
     opts = PackOptions(experts=("*experts.expert_[01]*",), method="gptq",
                        calibration=str(model / "late.safetensors"))
-    with pytest.raises(PackError, match=r"s\.qmoe: --strict: 1 experts fell back .*1 rtn-no-tokens: "
+    with pytest.raises(PackError, match=r"s\.qmoe: --strict: 1 expert fell back .*1 rtn-no-tokens: "
                                         + NAMES[1].replace(".", r"\.") + r"\); the store is left "
                                         r"incomplete \(not committed\)"):
         pack(model / "m.safetensors", out, opts, strict=True)

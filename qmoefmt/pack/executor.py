@@ -68,7 +68,8 @@ def _refuse_fallbacks(found: list, where, written: bool) -> None:
     names = ", ".join(n for n, _ in found[:5]) + (", ..." if len(found) > 5 else "")
     state = "the store is left incomplete (not committed)" if written else "nothing was written"
     verb = "fell back" if written else "would fall back"
-    raise PackError(f"{where}: --strict: {len(found)} experts {verb} from GPTQ to round to nearest "
+    experts = "expert" if len(found) == 1 else "experts"
+    raise PackError(f"{where}: --strict: {len(found)} {experts} {verb} from GPTQ to round to nearest "
                     f"({fallback_words(dict(sorted(counts.items())))}: {names}); {state}")
 
 
