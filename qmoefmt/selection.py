@@ -33,6 +33,18 @@ PRESETS: dict[str, list[str]] = {
         "*mlp.experts.down_proj",
     ],
 }
+# Qwen2-MoE, Qwen3-MoE, OLMoE and DeepSeek-V2/V3 checkpoints (save_pretrained, transformers
+# 5): model.layers.1.mlp.experts.3.{gate,up,down}_proj.weight; their shared experts
+# (mlp.shared_expert(s).*) and routers (mlp.gate.weight) stay out. In memory they fuse
+# like Mixtral's.
+_GATED_PROJ = [
+    "*mlp.experts.*.gate_proj.weight",
+    "*mlp.experts.*.up_proj.weight",
+    "*mlp.experts.*.down_proj.weight",
+    "*mlp.experts.gate_up_proj",
+    "*mlp.experts.down_proj",
+]
+PRESETS.update({"qwen-moe": _GATED_PROJ, "olmoe": _GATED_PROJ, "deepseek": _GATED_PROJ})
 
 
 class ExpertSelector:

@@ -86,6 +86,6 @@ def test_single_string_is_one_glob():
 
 def test_unknown_preset_lists_known_ones():
     with pytest.raises(ValueError) as info:
-        ExpertSelector(preset="deepseek")
+        ExpertSelector(preset="gpt-oss")
     for name in PRESETS:
         assert name in str(info.value)
