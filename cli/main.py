@@ -128,6 +128,7 @@ def pack(input_path, output, experts, preset, dictionary, method, calibration, a
         f"  params        {s.params:,} ({s.expert_params:,} in experts)\n"
         f"  source        {s.source_bytes:,} bytes\n"
         f"  store         {s.store_bytes:,} bytes, {s.bits_per_param:.3f} bits/param\n"
+        f"  vs source     {_ratio_words(d['ratio_vs_source'])}\n"
         f"  vs bf16       {_ratio_words(d['ratio_vs_bf16'])}\n"
         f"  time          {s.seconds:.2f} s ({s.params / s.seconds / 1e6:.1f} M params/s)\n"
         f"  dictionaries  {len(s.dictionaries)}"
@@ -138,7 +139,7 @@ def pack(input_path, output, experts, preset, dictionary, method, calibration, a
 
 
 def _ratio_words(ratio) -> str:
-    """bf16 size over store size, in words (tiny stores are dominated by dictionaries)."""
+    """A size over the store's, in words (tiny stores are dominated by dictionaries)."""
     if not ratio:
         return "n/a (empty)"
     return f"{ratio:.2f}x smaller" if ratio >= 1 else f"{1 / ratio:.2f}x larger"

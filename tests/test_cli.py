@@ -160,6 +160,9 @@ def test_pack_summary(tmp_path, small_ckpt):
     assert f"source        {2 * n:,} bytes" in text
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     assert f"store         {size:,} bytes, {8 * size / n:.3f} bits/param" in text
+    # the source is bf16 here, so both comparisons are the same; each names its own base
+    ratio = f"{size / (2 * n):.2f}x larger" if size > 2 * n else f"{2 * n / size:.2f}x smaller"
+    assert f"vs source     {ratio}" in text and f"vs bf16       {ratio}" in text
     assert "dictionaries  1" in text
     r = run("verify", "--deep", out)
     assert r.exit_code == 0, r.output
@@ -173,6 +176,7 @@ def test_pack_json_and_resume_message(tmp_path, small_ckpt):
     assert d["tensors"] == 3 and d["expert_tensors"] == 2 and d["resumed_tensors"] == 0
     assert d["bits_per_param"] == pytest.approx(8 * d["store_bytes"] / d["params"])
     assert d["ratio_vs_bf16"] == pytest.approx(16 / d["bits_per_param"])
+    assert d["ratio_vs_source"] == pytest.approx(d["source_bytes"] / d["store_bytes"])
     # a complete store cannot be resumed
     r = run("pack", small_ckpt, out, "--experts", "*.experts.*", "--resume")
     assert_one_line_error(r, 1, "already complete")

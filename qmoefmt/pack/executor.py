@@ -98,6 +98,8 @@ class PackSummary:
         d = asdict(self)
         d.update(bits_per_param=self.bits_per_param,
                  ratio_vs_bf16=(16 / self.bits_per_param) if self.store_bytes else None,
+                 ratio_vs_source=(self.source_bytes / self.store_bytes if self.store_bytes
+                                  else None),
                  params_per_second=self.params / self.seconds if self.seconds else None)
         return d
 
