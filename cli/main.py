@@ -205,43 +205,103 @@ def calibrate(output, model_path, tokens, sequential, bits, group_size, act_orde
                    f"--method gptq {flags}")
 
 
-@main.command()
-@click.argument("store", type=click.Path(exists=True))
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-@click.option("--all", "show_all", is_flag=True, help="List every tensor (default: first 50).")
-@clean_errors
-def inspect(store, as_json, show_all):
-    """Show a store's format version, completeness, attachments and tensors."""
-    import qmoefmt
-    from qmoefmt.store.summary import summarize
+def _bpp(x) -> str:
+    return f"{x:.3f}" if x is not None else "-"
 
-    s = summarize(qmoefmt.open(store, allow_incomplete=True))
-    if as_json:
-        click.echo(json.dumps(s, indent=2))
-        return
+
+def _pack_words(pack: dict | None) -> str:
+    """The root's pack options as `key=value` words, every member the root records (older
+    stores record fewer), a calibration file by name and short hash."""
+    words = []
+    for k, v in sorted((pack or {}).items()):
+        if isinstance(v, dict) and "sha256" in v:
+            v = f"{v.get('name')} (sha256 {str(v['sha256'])[:12]}…)"
+        words.append(f"{k}={v}")
+    return " ".join(words) or "not recorded"
+
+
+def _inspect_header(s: dict) -> None:
     click.echo(f"{s['path']}: qmoefmt format {s['format_version']}, "
                f"{'complete' if s['complete'] else 'INCOMPLETE'}")
+    click.echo(f"  pack: {_pack_words(s['pack'])}")
+    if s["gptq_status"]:
+        click.echo("  GPTQ status (per expert): "
+                   + ", ".join(f"{n} {st}" for st, n in s["gptq_status"].items()))
     for d in s["dictionaries"]:
         click.echo(f"  dictionary {d['id'][:19]}…  {d['kind']} {d['params']}")
     for a in s["attachments"]:
         click.echo(f"  attachment {a['name']}  {a['bytes']:,} bytes  sha256:{a['sha256'][:12]}…")
-    rows = s["tensors"] if show_all else s["tensors"][:50]
-    width = max([len(t["name"]) for t in rows] + [4])
-    click.echo(f"  {'name':<{width}}  {'shape':<14} {'codec':<20} {'zeros':>6} {'bytes':>12} {'bits/param':>10}")
-    for t in rows:
-        zf = f"{t['zero_fraction']:.3f}" if t["zero_fraction"] is not None else "-"
-        bpp = f"{t['bits_per_param']:.3f}" if t["bits_per_param"] is not None else "-"
-        click.echo(f"  {t['name']:<{width}}  {'x'.join(map(str, t['shape'])) or '()':<14} "
-                   f"{t['codec']:<20} {zf:>6} {t['bytes']:>12,} {bpp:>10}")
-    if len(rows) < len(s["tensors"]):
-        click.echo(f"  ... {len(s['tensors']) - len(rows)} more (--all)")
+
+
+def _inspect_layers(s: dict, limit: int | None) -> None:
+    """The tensor table, one block per layer headed by the layer's sums; `limit` caps
+    the tensor rows shown (the layer lines always all show)."""
+    by_name = {t["name"]: t for t in s["tensors"]}
+    width = max([len(t["name"]) for t in s["tensors"]] + [4])
+    click.echo(f"  {'name':<{width}}  {'shape':<14} {'codec':<20} {'k-bit':>8} {'zeros':>6} "
+               f"{'bytes':>12} {'bits/param':>10}")
+    shown = 0
+    for g in s["layers"]:
+        zf = f"{g['zero_fraction']:.3f}" if g["zero_fraction"] is not None else "-"
+        dicts = ", ".join(d[7:19] + "…" for d in g["dictionaries"]) or "none"
+        click.echo(f"layer {g['layer'] or '(no layer in name)'}: {g['tensors']} tensors "
+                   f"({g['expert_tensors']} expert), {g['params']:,} params, "
+                   f"{_bpp(g['bits_per_param'])} bits/param with metadata files "
+                   f"({_bpp(g['array_bits_per_param'])} arrays only), zeros {zf}, "
+                   f"dictionaries {dicts}")
+        for name in g["names"]:
+            if limit is not None and shown >= limit:
+                break
+            shown += 1
+            t = by_name[name]
+            kbit = f"{t['bits']}b/g{t['group_size']}" if "bits" in t else "-"
+            zf = f"{t['zero_fraction']:.3f}" if t["zero_fraction"] is not None else "-"
+            click.echo(f"  {t['name']:<{width}}  {'x'.join(map(str, t['shape'])) or '()':<14} "
+                       f"{t['codec']:<20} {kbit:>8} {zf:>6} {t['bytes']:>12,} "
+                       f"{_bpp(t['bits_per_param']):>10}")
+    if shown < len(s["tensors"]):
+        click.echo(f"  ... {len(s['tensors']) - shown} more tensors (--all)")
+
+
+def _inspect_totals(s: dict) -> None:
     e, tot = s["experts"], s["total"]
+    both = ("bits/param: {a} arrays only (chunk files), {f} with metadata files "
+            "(chunks + zarr.json)")
     if e["params"]:
         click.echo(f"experts: {e['tensors']} tensors, {e['params']:,} params, "
-                   f"{e['bits_per_param']:.3f} bits/param")
-    click.echo(f"total:   {tot['params']:,} params, {tot['bytes']:,} bytes on disk, "
-               f"{tot['bits_per_param'] or 0:.3f} bits/param "
-               f"(dictionaries {s['dictionary_bytes']:,} bytes)")
+                   + both.format(a=_bpp(e["array_bits_per_param"]), f=_bpp(e["bits_per_param"])))
+    if tot["filter"] is not None:
+        click.echo(f"total (filtered by {tot['filter']!r}: {tot['tensors']} of "
+                   f"{s['store_tensors']} tensors; their own files only): {tot['params']:,} "
+                   f"params, {tot['bytes']:,} bytes, "
+                   + both.format(a=_bpp(tot["array_bits_per_param"]), f=_bpp(tot["bits_per_param"])))
+        return
+    click.echo(f"total:   {tot['params']:,} params, {tot['bytes']:,} bytes on disk "
+               f"(dictionaries {s['dictionary_bytes']:,} bytes), "
+               + both.format(a=_bpp(tot["array_bits_per_param"]), f=_bpp(tot["bits_per_param"]))
+               + "; arrays include the dictionaries' tables, files every file of the store")
+
+
+@main.command()
+@click.argument("store", type=click.Path(exists=True))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--all", "show_all", is_flag=True, help="List every tensor (default: first 50).")
+@click.option("--filter", "pattern", metavar="GLOB",
+              help="Only tensors whose name matches GLOB (fnmatch); totals cover those only.")
+@clean_errors
+def inspect(store, as_json, show_all, pattern):
+    """Show a store's format version, pack settings, dictionaries, attachments, and its
+    tensors by layer, with sizes and bits/param."""
+    import qmoefmt
+    from qmoefmt.store.summary import summarize
+
+    s = summarize(qmoefmt.open(store, allow_incomplete=True), pattern)
+    if as_json:
+        click.echo(json.dumps(s, indent=2))
+        return
+    _inspect_header(s)
+    _inspect_layers(s, None if show_all else 50)
+    _inspect_totals(s)
 
 
 @main.command()
