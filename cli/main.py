@@ -288,14 +288,21 @@ def _inspect_totals(s: dict) -> None:
 @click.option("--all", "show_all", is_flag=True, help="List every tensor (default: first 50).")
 @click.option("--filter", "pattern", metavar="GLOB",
               help="Only tensors whose name matches GLOB (fnmatch); totals cover those only.")
+@click.option("--plot", "plot_path", metavar="PATH", type=click.Path(dir_okay=False),
+              help="Also write a PNG of bits/param and zeros per layer and per expert "
+                   "(needs the [plot] extra: matplotlib).")
 @clean_errors
-def inspect(store, as_json, show_all, pattern):
+def inspect(store, as_json, show_all, pattern, plot_path):
     """Show a store's format version, pack settings, dictionaries, attachments, and its
     tensors by layer, with sizes and bits/param."""
     import qmoefmt
     from qmoefmt.store.summary import summarize
 
     s = summarize(qmoefmt.open(store, allow_incomplete=True), pattern)
+    if plot_path is not None:
+        from qmoefmt.store.plot import plot_summary
+
+        plot_summary(s, plot_path)     # before any output: a missing extra prints nothing else
     if as_json:
         click.echo(json.dumps(s, indent=2))
         return
