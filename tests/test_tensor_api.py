@@ -142,3 +142,16 @@ def test_dict16_runtime_weights_check_once_then_multiply_fused(store):
             x = rng.standard_normal((batch, t.shape[1])).astype(np.float32)
             assert_matmul_close(w.matmul(x), x, dense)
         assert w.checked
+
+
+def test_runtime_weights_are_built_once_and_copies_rebuild_derived_state():
+    t = next(x for x in tensors("switch-tiny-2bit-dict16.qmoe") if x.codec == "qmoe.uint-dict16")
+    assert t.runtime() is t.runtime()
+    w = t.runtime()
+    x = np.random.default_rng(2).standard_normal((3, t.shape[1])).astype(np.float32)
+    w.matmul(x)
+    w.matmul(x)                      # checked, then fused: the corrections exist
+    assert w._corrections is not None
+    c = w.copy(np.array)
+    assert c.checked and c._corrections is None
+    assert_matmul_close(c.matmul(x), x, t.decode())

@@ -109,10 +109,6 @@ class Codec:
         raise NotApplicableError(f"{t.name} is stored {self.id}; it has no decode-matmul "
                                  "(decode() it)")
 
-    def matmul(self, t: TensorArrays, x: np.ndarray, check_crc: bool = True,
-               backend=None) -> np.ndarray:
-        return self.runtime(t, check_crc).matmul(x, backend)
-
     def check(self, t: TensorArrays, deep: bool) -> None:
         """verify's codec part, after every array was checked against `array_specs`:
         the record's own invariants; `deep` decodes and checks what only decoding shows.

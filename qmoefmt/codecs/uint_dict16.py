@@ -9,7 +9,7 @@ that pair and back; the ternary stream itself is §5's (`dictionaries.stream`).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -133,7 +133,8 @@ class DictLevelsWeight(RuntimeWeight):
     bits: int
     group_size: int
     checked: bool = False
-    _corrections: tuple | None = None
+    # derived from the moved arrays: not copied with them, rebuilt on the copy's first use
+    _corrections: tuple | None = field(default=None, init=False, repr=False)
     moved = ("codes", "offsets", "counts", "ends", "escape_cols", "escape_levels", "scales",
              "zeros")
     BLOCK = 256

@@ -39,6 +39,7 @@ class Tensor:
         self.dtype: str = record["dtype"]
         self.shape: tuple[int, ...] = tuple(record["shape"])
         self.where = f"{store.path}/{self.path}"
+        self._runtime: dict[bool, object] = {}     # check_crc -> its RuntimeWeight
 
     def __repr__(self) -> str:
         return f"<Tensor {self.name} {list(self.shape)} {self.dtype} {self.codec}>"
@@ -121,7 +122,11 @@ class Tensor:
         if self._codec.multiplies and len(self.shape) != 2:
             raise NotApplicableError(f"{self.name} has shape {list(self.shape)}; matmul takes "
                                      "a 2-D weight [out, in]")
-        return self._codec.runtime(self, check_crc)
+        # Built once a tensor object: repeated products neither re-check the arrays nor,
+        # for uint-dict16, re-decode to check the escapes.
+        if check_crc not in self._runtime:
+            self._runtime[check_crc] = self._codec.runtime(self, check_crc)
+        return self._runtime[check_crc]
 
     def matmul(self, x, check_crc: bool = True, backend: str | None = None) -> np.ndarray:
         """`x @ W.T` as nn.Linear computes it, W never decoded whole: x [batch, in] or
