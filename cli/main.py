@@ -54,8 +54,9 @@ def clean_errors(fn):
     return wrapper
 
 
-def _bar(total: int, unit: str, desc: str, **kw):
-    return tqdm(total=total, unit=unit, desc=desc, file=sys.stderr, disable=None,
+def _bar(total: int, unit: str, desc: str, disable=None, **kw):
+    """A progress bar on stderr, shown only on a terminal (disable=None) unless disabled."""
+    return tqdm(total=total, unit=unit, desc=desc, file=sys.stderr, disable=disable,
                 dynamic_ncols=True, **kw)
 
 
@@ -291,14 +292,20 @@ def _inspect_totals(s: dict) -> None:
 @click.option("--plot", "plot_path", metavar="PATH", type=click.Path(dir_okay=False),
               help="Also write a PNG of bits/param and zeros per layer and per expert "
                    "(needs the [plot] extra: matplotlib).")
+@click.option("--levels", is_flag=True,
+              help="Read uint-packed tensors' codes for their share of levels on the zero "
+                   "point (else inspect reads metadata only, and shows '-' for them).")
 @clean_errors
-def inspect(store, as_json, show_all, pattern, plot_path):
+def inspect(store, as_json, show_all, pattern, plot_path, levels):
     """Show a store's format version, pack settings, dictionaries, attachments, and its
     tensors by layer, with sizes and bits/param."""
     import qmoefmt
     from qmoefmt.store.summary import summarize
 
-    s = summarize(qmoefmt.open(store, allow_incomplete=True), pattern)
+    st = qmoefmt.open(store, allow_incomplete=True)
+    # A bar only when codes are read: a metadata-only inspect takes milliseconds.
+    with _bar(len(st), "tensor", "levels", disable=None if levels else True) as bar:
+        s = summarize(st, pattern, levels=levels, progress=bar.update)
     if plot_path is not None:
         from qmoefmt.store.plot import plot_summary
 
@@ -344,22 +351,34 @@ def verify(store, deep, as_json):
 @main.command()
 @click.argument("store", type=click.Path(exists=True))
 @click.argument("output", type=click.Path())
-@click.option("--force", is_flag=True, help="Overwrite OUTPUT if it is an existing file.")
-@click.option("--json", "as_json", is_flag=True, help="Print {output, tensors, bytes} as JSON.")
+@click.option("--max-shard-size", metavar="SIZE",
+              help="Write OUTPUT as a directory of shards of at most SIZE (5GB, 500MiB, "
+                   "bytes) with their index and the store's config.json, as transformers "
+                   "saves a model.")
+@click.option("--force", is_flag=True,
+              help="Overwrite OUTPUT if it is an existing file, or write into it if it is a "
+                   "directory that is not empty.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print {output, tensors, bytes, files} as JSON.")
 @clean_errors
-def unpack(store, output, force, as_json):
+def unpack(store, output, max_shard_size, force, as_json):
     """Write a store's weights to OUTPUT.safetensors, experts dequantized; an existing
     OUTPUT is refused unless --force is given."""
     import qmoefmt
-    from qmoefmt.io.unpack import unpack as run_unpack
+    from qmoefmt.io.unpack import parse_size, unpack as run_unpack
 
+    try:
+        limit = None if max_shard_size is None else parse_size(max_shard_size)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--max-shard-size") from None
     st = qmoefmt.open(store)
     with _bar(len(st), "tensor", "unpack") as bar:
-        n = run_unpack(st, output, progress=bar.update, force=force)
+        out = run_unpack(st, output, progress=bar.update, force=force, max_shard_size=limit)
     if as_json:
-        click.echo(json.dumps({"output": output, "tensors": n, "bytes": os.path.getsize(output)}))
+        click.echo(json.dumps(out))
     else:
-        click.echo(f"wrote {n} tensors to {output}")
+        files = f" in {len(out['files'])} files" if limit is not None else ""
+        click.echo(f"wrote {out['tensors']} tensors to {output}{files}")
 
 
 from .run import run  # noqa: E402 - registered last: run.py imports the helpers above

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -98,6 +99,23 @@ def test_kbit_fields(store, bits, share, fixture_store):
     # uint-dict16 counts its zero-point levels in the record; uint-packed would need decoding
     assert all((t["zero_point_share"] is not None) == share for t in kbit if t["params"])
     assert not any("bits" in t for t in s["tensors"] if t["codec"] == "qmoe.dense")
+
+
+@pytest.mark.parametrize("store", ["switch-tiny-2bit.qmoe", "edge-3bit-g16.qmoe"])
+def test_levels_reads_uint_packed_zero_point_share(store, fixture_store):
+    """--levels counts, from the codes, the weights on their group's zero point: exactly
+    the weights that decode to 0."""
+    st = qmoefmt.open(fixture_store(store))
+    s = summarize(st, levels=True)
+    kbit = [t for t in s["tensors"] if "bits" in t and t["params"]]
+    assert kbit
+    for t in kbit:
+        want = float(np.mean(st[t["name"]].decode() == 0))
+        assert t["zero_point_share"] == t["zero_fraction"] == pytest.approx(want, abs=1e-12)
+    r = run("inspect", "--levels", "--json", fixture_store(store))
+    assert r.exit_code == 0, r.output
+    assert [t["zero_point_share"] for t in json.loads(r.stdout)["tensors"] if "bits" in t
+            and t["params"]] == [t["zero_point_share"] for t in kbit]
 
 
 def test_filter(fixture_store):

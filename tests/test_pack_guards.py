@@ -114,6 +114,14 @@ def test_fallbacks_counted_and_warned(model):
     assert d["gptq_experts"] == 3
     assert d["fallbacks"] == {"rtn-no-calibration": 1, "rtn-no-tokens": 1}
     assert d["fallback_tensors"] == [[NAMES[1], "rtn-no-tokens"], [NAMES[2], "rtn-no-calibration"]]
+    # inspect reads the same counts back from the store's records
+    r = run("inspect", model / "s.qmoe", "--json")
+    statuses = json.loads(r.stdout)["gptq_status"]
+    assert {k: v for k, v in statuses.items() if k.startswith("rtn-")} == d["fallbacks"]
+    assert sum(statuses.values()) == 3
+    r = run("inspect", model / "s.qmoe")
+    line = next(ln for ln in r.stdout.splitlines() if "GPTQ status" in ln)
+    assert "1 rtn-no-calibration" in line and "1 rtn-no-tokens" in line
 
 
 def test_rtn_pack_has_no_gptq_line(model):

@@ -7,33 +7,16 @@ import pytest
 from safetensors import safe_open
 
 from qmoefmt.selection import ExpertSelector
+from qmoefmt.testing.tiny_hf import FAMILIES, family_model
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.hf
 
-COMMON = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-              max_position_embeddings=64, num_experts_per_tok=2)
-FAMILIES = {
-    "qwen-moe": [
-        ("Qwen2MoeConfig", dict(intermediate_size=48, moe_intermediate_size=16, num_experts=4,
-                                shared_expert_intermediate_size=24, num_key_value_heads=2)),
-        ("Qwen3MoeConfig", dict(intermediate_size=48, moe_intermediate_size=16, num_experts=4,
-                                num_key_value_heads=2, head_dim=8)),
-    ],
-    "olmoe": [("OlmoeConfig", dict(intermediate_size=16, num_experts=4, num_key_value_heads=2))],
-    "deepseek": [("DeepseekV3Config", dict(
-        intermediate_size=48, moe_intermediate_size=16, num_key_value_heads=4, n_routed_experts=4,
-        n_shared_experts=1, first_k_dense_replace=1, q_lora_rank=16, kv_lora_rank=16,
-        qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8, n_group=1, topk_group=1))],
-}
 ROUTED = re.compile(r".*\.mlp\.experts\.\d+\.(gate|up|down)_proj\.weight$")
 
 
 def saved_names(config_class, kw, tmp_path) -> list[str]:
-    import torch
-    torch.manual_seed(0)
-    config = getattr(transformers, config_class)(**COMMON, **kw)
-    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    family_model(config_class, kw).save_pretrained(tmp_path)
     names = []
     for f in sorted(tmp_path.glob("*.safetensors")):
         with safe_open(str(f), "np") as g:

@@ -73,6 +73,19 @@ class KbitGrid(Codec):
                 rows: slice | None = None) -> np.ndarray:
         return self.grid(t, check_crc, backend, rows)[0]
 
+    def zero_point_share(self, t: TensorArrays, block_rows: int = 4096) -> float | None:
+        """The share of levels that sit on their group's zero point (the weights that
+        dequantize to exactly 0), read from the codes a block of rows at a time."""
+        rows, cols = t.rows_cols
+        if rows * cols == 0:
+            return None
+        g = np.arange(cols) // t.record["group_size"]
+        on_zero = 0
+        for a in range(0, rows, block_rows):
+            levels, _, zeros = self.grid(t, rows=slice(a, min(a + block_rows, rows)))
+            on_zero += int(np.count_nonzero(levels == zeros[:, g]))
+        return on_zero / (rows * cols)
+
     def decode(self, t: TensorArrays, check_crc: bool = True, backend=None,
                rows: slice | None = None) -> np.ndarray:
         levels, scales, zeros = self.grid(t, check_crc, backend, rows)

@@ -11,7 +11,7 @@ import re
 import crc32c as _crc32c
 import numpy as np
 
-from .constants import CHECKSUM_PLACEHOLDER, DICTIONARIES, TENSORS
+from .constants import CHECKSUM_PLACEHOLDER, DICTIONARIES, ROOT_META, TENSORS
 
 
 def crc32c(data) -> int:
@@ -95,6 +95,10 @@ def root_checksum_ok(raw: bytes) -> bool | None:
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 
 
+# The writer's temporary files are `NAME.partial.PID` (§8): no node may look like one.
+_PARTIAL = re.compile(r"\.partial\.", re.IGNORECASE)
+
+
 def tensor_paths(names) -> list[str]:
     """Node paths for tensor names, in order: unsafe characters become '_', and a clash
     (compared case-insensitively, for case-insensitive file systems) gets '-N'. Readers
@@ -102,8 +106,8 @@ def tensor_paths(names) -> list[str]:
     used: set[str] = set()
     out = []
     for name in names:
-        base = _UNSAFE.sub("_", name)[:180] or "_"
-        if base.startswith("__") or set(base) == {"."}:
+        base = _PARTIAL.sub("_partial.", _UNSAFE.sub("_", name))[:180] or "_"
+        if base.startswith("__") or set(base) == {"."} or base.lower() == ROOT_META:
             base = "t" + base
         path, n = base, 1
         while path.lower() in used:

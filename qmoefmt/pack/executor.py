@@ -202,11 +202,14 @@ def pack(input_path, output_path, options: PackOptions, resume: bool = False,
         if resume:
             _check_resume(output_path, plan.meta)
         writer = StoreWriter(output_path, plan.meta, resume=resume)
-        records = _run(plan, options, writer, calibration, resume, summary, progress)
-        summary.count_fallbacks(records)
-        if strict and summary.fallback_tensors:
-            _refuse_fallbacks(summary.fallback_tensors, output_path, written=True)
-        writer.commit(records)
+        try:
+            records = _run(plan, options, writer, calibration, resume, summary, progress)
+            summary.count_fallbacks(records)
+            if strict and summary.fallback_tensors:
+                _refuse_fallbacks(summary.fallback_tensors, output_path, written=True)
+            writer.commit(records)
+        finally:
+            writer.close()
     summary.skipped = [list(t) for t in plan.skipped]
     summary.dictionaries = sorted(writer.dictionaries)
     summary.attachments = [e["name"] for e in plan.meta.get("attachments", [])]

@@ -12,7 +12,9 @@ import numpy as np
 from .._version import __version__
 from ..format import constants as C
 from ..format import metadata as M
+from ..errors import QmoeError
 from ..format.attachments import lowest_version
+from ..format.records import check_shape
 from ..io.attachments import source_attachments
 from ..selection import ExpertSelector
 from .options import PackError, PackOptions
@@ -77,6 +79,23 @@ def select_experts(sources, input_path, options: PackOptions) -> tuple[list[bool
                     + "; give --experts GLOB or another --preset")
 
 
+def check_limits(sources, input_path) -> None:
+    """The reader's limits (spec §9), enforced before anything is written: else the pack
+    would complete a store that every reader, qmoefmt's own included, refuses."""
+    if len(sources) > C.MAX_TENSORS:
+        raise PackError(f"{input_path}: {len(sources)} tensors, a store holds at most "
+                        f"{C.MAX_TENSORS}")
+    for s in sources:
+        size = len(s.name.encode("utf-8", "surrogatepass"))
+        if size > C.MAX_NAME_BYTES:
+            raise PackError(f"{input_path}: tensor {s.name[:60]!r}...: a name of {size} bytes; "
+                            f"a store allows {C.MAX_NAME_BYTES} (spec §9)")
+        try:
+            check_shape(list(s.shape), f"{input_path}: tensor {s.name!r}", "shape")
+        except QmoeError as e:
+            raise PackError(str(e)) from None
+
+
 @dataclass
 class Plan:
     sources: list             # the checkpoint's TensorSources, in order
@@ -90,6 +109,7 @@ class Plan:
     @classmethod
     def make(cls, ckpt, input_path, options: PackOptions) -> "Plan":
         sources = list(ckpt.tensors())
+        check_limits(sources, input_path)
         experts, skipped = select_experts(sources, input_path, options)
         left = np.cumsum([math.prod(s.shape) if e else 0
                           for s, e in zip(sources, experts)][::-1])[::-1]

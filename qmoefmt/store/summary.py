@@ -23,7 +23,7 @@ def _array_bytes(group: Path, arrays: dict) -> int:
                for name, d in arrays.items() if M.has_chunk(d["shape"]))
 
 
-def _tensor_row(store: Store, t) -> dict:
+def _tensor_row(store: Store, t, levels: bool) -> dict:
     n = math.prod(t.shape)
     nbytes = t.nbytes
     array_bytes = _array_bytes(store.path / t.path, t.record["arrays"])
@@ -37,10 +37,14 @@ def _tensor_row(store: Store, t) -> dict:
     }
     if "bits" in t.record:      # k-bit codecs (§12, §13)
         counts = t.record.get("symbol_counts")
+        # uint-dict16's sign stream counts symbol 0 exactly on the zero point (§13);
+        # uint-packed's share is in its codes alone, read only when asked for
+        share = counts[0] / n if counts and n else (
+            t.unit.zero_point_share(t) if levels and not counts else None)
         row.update(bits=t.record["bits"], group_size=t.record.get("group_size"),
-                   # uint-dict16's sign stream counts symbol 0 exactly on the zero point
-                   # (§13); uint-packed would need decoding, so it says None
-                   zero_point_share=counts[0] / n if counts and n else None)
+                   zero_point_share=share)
+        if row["zero_fraction"] is None:    # on the zero point is exactly the weights 0
+            row["zero_fraction"] = share
     return row
 
 
@@ -64,12 +68,20 @@ def _total(store: Store, rows: list[dict], pattern: str | None) -> dict:
                        sum(r["array_bytes"] for r in rows) + dict_arrays), filter=None)
 
 
-def summarize(store: Store, pattern: str | None = None) -> dict:
+def summarize(store: Store, pattern: str | None = None, levels: bool = False,
+              progress=None) -> dict:
     """The store's summary; `pattern` (an fnmatch glob on tensor names) restricts the
-    tensors, layers, experts, statuses and totals to the matching tensors."""
+    tensors, layers, experts, statuses and totals to the matching tensors. `levels` reads
+    uint-packed tensors' codes for their zero-point share (else a metadata read alone);
+    `progress(n)` is told of each tensor summarized."""
     picked = [t for t in store.tensors()
               if pattern is None or fnmatch.fnmatchcase(t.name, pattern)]
-    rows = sorted((_tensor_row(store, t) for t in picked), key=lambda r: natural_key(r["name"]))
+    rows = []
+    for t in picked:
+        rows.append(_tensor_row(store, t, levels))
+        if progress:
+            progress(1)
+    rows.sort(key=lambda r: natural_key(r["name"]))
     experts = [r for r in rows if r["expert"]]
     return {
         "path": str(store.path),

@@ -7,7 +7,9 @@ done when its group zarr.json exists; the store counts as complete when the root
 """
 from __future__ import annotations
 
+import fcntl
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -24,6 +26,33 @@ from .files import check_array_file, load_json, read_root
 
 class StoreExistsError(QmoeError):
     pass
+
+
+_PARTIAL = re.compile(r".+\.partial\.\d+")
+# What a writer creates before its root: a directory holding only these was never started.
+_BEFORE_ROOT = {C.TENSORS, C.DICTIONARIES, f"{C.TENSORS}/zarr.json",
+                f"{C.DICTIONARIES}/zarr.json"}
+
+
+def _never_started(root: Path) -> bool:
+    """Empty, or holding only the layout's first files and temporary files: a writer (of
+    this or an older version, which wrote the groups before the root) killed before its
+    root existed. Such a directory starts over; anything else is a user's and is refused."""
+    return all(p.relative_to(root).as_posix() in _BEFORE_ROOT or _PARTIAL.fullmatch(p.name)
+               for p in root.rglob("*"))
+
+
+def _lock(root: Path) -> int:
+    """An exclusive lock on the store directory for this writer's lifetime: a second pack
+    or resume into it is refused at once rather than racing the first for its files."""
+    fd = os.open(root, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise StoreExistsError(f"{root}: another qmoefmt process is writing this store; "
+                               "wait for it to finish (or end it) and --resume") from None
+    return fd
 
 
 def _write_file(path: Path, data, durable: bool = False, mkdir: bool = True) -> None:
@@ -88,18 +117,31 @@ class StoreWriter:
         self.meta = {"format_version": C.FORMAT_VERSION, **meta}
         self.dictionaries: dict[str, dict] = {}
         root_meta = self.root / C.ROOT_META
-        if self.root.exists() and any(self.root.iterdir()):
-            if not resume:
-                raise StoreExistsError(f"{self.root}: already exists and is not empty; "
-                                       "use --resume to finish an interrupted pack")
-            self._check_resumable(root_meta)
-            self._remove_partials()
-        elif resume and not self.root.exists():
+        if resume and not self.root.exists():
             raise StoreExistsError(f"{self.root}: nothing to resume (no such store)")
         self.root.mkdir(parents=True, exist_ok=True)
-        _write_file(self.root / C.TENSORS / "zarr.json", M.group_doc())
-        _write_file(self.root / C.DICTIONARIES / "zarr.json", M.group_doc())
-        _write_file(root_meta, M.root_doc(dict(self.meta, complete=False)))
+        self._lock = _lock(self.root)
+        try:
+            if root_meta.exists() or not _never_started(self.root):
+                if not resume:
+                    raise StoreExistsError(f"{self.root}: already exists and is not empty; "
+                                           "use --resume to finish an interrupted pack")
+                self._check_resumable(root_meta)
+            self._remove_partials()
+            # The root first: from here on the directory is a store that says incomplete,
+            # so a kill at any later instant leaves something --resume accepts.
+            _write_file(root_meta, M.root_doc(dict(self.meta, complete=False)))
+            _write_file(self.root / C.TENSORS / "zarr.json", M.group_doc())
+            _write_file(self.root / C.DICTIONARIES / "zarr.json", M.group_doc())
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Lets another writer at the store (the lock is the process's until then)."""
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
 
     def _check_resumable(self, root_meta: Path) -> None:
         old = read_root(self.root)
@@ -114,8 +156,11 @@ class StoreWriter:
                     f"{key} ({_shown(key, old.get(key))}); start over in a new directory")
 
     def _remove_partials(self) -> None:
+        """The temporary files of a killed writer; a tensor's directory can match the
+        glob too (names are data, §4.3), so only files of the temporary form go."""
         for p in self.root.rglob("*.partial.*"):
-            p.unlink()
+            if _PARTIAL.fullmatch(p.name) and p.is_file():
+                p.unlink()
 
     # -- resume support -------------------------------------------------------------
     def finished_record(self, tensor_path: str) -> dict | None:
@@ -176,3 +221,4 @@ class StoreWriter:
             os.fsync(fd)
         finally:
             os.close(fd)
+        self.close()
