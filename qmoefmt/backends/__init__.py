@@ -19,6 +19,12 @@ def get(name: str | None = None) -> DecodeBackend:
     if name == "numba" and name not in _BACKENDS:
         from .cpu import NumbaCPU     # imported on first use: Numba compiles lazily anyway
         register(NumbaCPU())
+    if name == "cuda" and name not in _BACKENDS:
+        from .cuda import CudaBackend     # imports CuPy: only when asked for
+        register(CudaBackend())
+    if name == "cuda-host" and name not in _BACKENDS:
+        from .cuda_host import CudaHostHarness    # the kernels' logic on the CPU (tests)
+        register(CudaHostHarness())
     if name not in _BACKENDS:
         raise ValueError(f"no decode backend {name!r}; known: {sorted(_BACKENDS) or [DEFAULT]}")
     return _BACKENDS[name]

@@ -4,6 +4,7 @@ brought to the device on first use, the least recently used evicted to stay unde
 budget. The policy knows nothing of devices: `move` makes a device copy of one array."""
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
 from collections.abc import Callable
 
@@ -18,15 +19,29 @@ def host_copy(a: np.ndarray) -> np.ndarray:
     return np.array(a, copy=True)
 
 
+def device_move(device: str) -> Callable[[np.ndarray], object]:
+    """The `move` for a device name: host_copy for "cpu", a CuPy copy for "cuda" or
+    "cuda:N" (the GPU runtime, imported only then)."""
+    if device == "cpu":
+        return host_copy
+    kind, _, index = device.partition(":")
+    if kind != "cuda" or not (index.isdigit() or not index):
+        raise QmoeError(f"device must be 'cpu', 'cuda' or 'cuda:N', not {device!r}")
+    from ..backends import cuda
+    return functools.partial(cuda.to_device, index=int(index) if index else None)
+
+
 class ExpertCache:
     """Device copies of runtime weights, least recently used evicted beyond `budget`
-    bytes. An expert larger than the whole budget is moved for each use and not kept."""
+    bytes. An expert larger than the whole budget is moved for each use and not kept.
+    `move` defaults to `device_move(device)`."""
 
-    def __init__(self, budget: int, move: Callable[[np.ndarray], object] = host_copy,
+    def __init__(self, budget: int, move: Callable[[np.ndarray], object] | None = None,
                  device: str = "cpu"):
         if not isinstance(budget, int) or isinstance(budget, bool) or budget < 0:
             raise QmoeError(f"device_budget must be a number of bytes >= 0, not {budget!r}")
-        self.budget, self.device, self._move = budget, device, move
+        self.budget, self.device = budget, device
+        self._move = move or device_move(device)
         self._resident: OrderedDict[int, tuple[RuntimeWeight, RuntimeWeight]] = OrderedDict()
         self.resident_bytes = self.hits = self.misses = self.evictions = self.bytes_moved = 0
 

@@ -1,6 +1,7 @@
 """`CompressedLinear`: an `nn.Linear` whose weight stays coded in the store."""
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -44,6 +45,7 @@ class CompressedLinear(nn.Module):
         self.weights = [t.runtime() for t in tensors]
         self.backend = backend
         self.cache = cache
+        self._device_weights: dict[torch.device, list] = {}     # GPU copies, without a cache
         self.in_features = tensors[0].shape[1]
         self.out_features = sum(t.shape[0] for t in tensors)
         # Declared absent, as nn.Linear's bias can be: code that reads `.weight` (e.g.
@@ -63,12 +65,29 @@ class CompressedLinear(nn.Module):
                 f"bias={self.bias is not None}, codec={','.join(codecs)}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cuda":
+            return self._forward_cuda(x)
         if x.device.type != "cpu":
-            raise QmoeError(f"{self.tensor.name}: compressed experts run on the CPU only "
-                            f"(input on {x.device})")
+            raise QmoeError(f"{self.tensor.name}: compressed experts run on the CPU or a CUDA "
+                            f"GPU (input on {x.device})")
         flat = x.detach().reshape(-1, self.in_features).to(torch.float32).numpy()
         weights = self.weights if self.cache is None else map(self.cache.get, self.weights)
         parts = [torch.from_numpy(w.matmul(flat, self.backend)) for w in weights]
         y = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
         y = y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+        return y if self.bias is None else y + self.bias
+
+    def _forward_cuda(self, x: torch.Tensor) -> torch.Tensor:
+        """The GPU runtime's fused kernels on x's device and current stream; the weights'
+        copies there come from the cache, else are made on first use and kept."""
+        from ..backends import cuda
+        if self.cache is not None:
+            weights = [self.cache.get(w) for w in self.weights]
+        else:
+            if x.device not in self._device_weights:
+                move = functools.partial(cuda.to_device, index=x.device.index)
+                self._device_weights[x.device] = [w.copy(move) for w in self.weights]
+            weights = self._device_weights[x.device]
+        parts = [cuda.matmul(w, x) for w in weights]
+        y = (parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)).to(x.dtype)
         return y if self.bias is None else y + self.bias
