@@ -23,7 +23,7 @@ from qmoefmt.codecs import uint_packed as uintpack
 from qmoefmt.quantize import grids as qz
 from qmoefmt.calibration import HessianCollector
 from qmoefmt.dictionaries.stream import decode_symbols, encode
-from qmoefmt.dictionaries.golomb import build_golomb, choose
+from qmoefmt.dictionaries.golomb import build_golomb, ladder_point
 from qmoefmt.demo.model import load_model, token_windows
 from qmoefmt.selection import ExpertSelector
 from qmoefmt.demo.textdata import train_tokens
@@ -46,7 +46,7 @@ def measure(cases, bits, group):
         size = group or q.shape[1]
         t, re, ec, el = uintdict.split(q, zeros, size)
         counts = np.bincount(t.reshape(-1), minlength=3)
-        d = build_golomb(choose(counts[0] / counts.sum(), []))
+        d = build_golomb(ladder_point(counts[0] / counts.sum()))
         codes, rc = encode(t, d)
         assert np.array_equal(decode_symbols(codes, rc, q.shape[1], d), t)
         n += q.size
@@ -114,13 +114,13 @@ def main() -> None:
                 print(f"{label:<26}{bits:>5}{group or 'row':>6}{m['on_zero']:>9.3f}{m['escapes']:>9.4f}"
                       f"{m['entropy']:>9.3f}{m['packed']:>8.3f}{m['dict16']:>8.3f}"
                       f"{m['dict16'] / m['packed']:>15.3f}{m['dict16'] / m['entropy']:>16.3f}", flush=True)
-    sizes = [sum(t.nbytes for t in build_golomb(p).tables().values()) for p in (0.6514, 0.7311, 0.7982)]
+    sizes = [build_golomb(p).stored_nbytes for p in (0.6514, 0.7311, 0.7982)]
     print(f"\ndictionary size at P(0) 0.65 / 0.73 / 0.80: "
-          f"{' / '.join(f'{s / 2**20:.1f}' for s in sizes)} MiB")
+          f"{' / '.join(f'{s / 2**10:.0f}' for s in sizes)} KiB")
     gain = [1 - r[3]["dict16"] / r[3]["packed"] for r in rows if r[1] == 2 and r[2] is None]
     worst = min(gain)
     print(f"2-bit per-row grids: dict16 saves {min(gain):.1%} .. {max(gain):.1%} of the level bits; "
-          f"one {max(sizes) / 2**20:.1f} MiB dictionary is repaid after "
+          f"one {max(sizes) / 2**10:.0f} KiB dictionary is repaid after "
           f"{max(sizes) * 8 / (2 * worst) / 1e6:.0f} M weights at the smallest saving")
     print(f"total {time.perf_counter() - t0:.0f} s")
 

@@ -74,7 +74,9 @@ def main():
 @click.option("--preset", type=click.Choice(sorted(PRESETS)),
               help="Select the expert weights of a known architecture.")
 @click.option("--dictionary", type=click.Choice(["auto", "qmoe-2023"]), default="auto",
-              show_default=True, help="auto: golomb-v2f fitted per tensor; qmoe-2023: QMoE's.")
+              show_default=True, help="auto: per tensor the cheapest of the dictionaries held, a golomb-v2f "
+                   "fitted to it and qmoe-2023, new ones counted by their bytes; "
+                   "qmoe-2023: QMoE's.")
 @click.option("--method", type=click.Choice(["rtn", "gptq"]), default="rtn", show_default=True,
               help="rtn: round to nearest; gptq: data-dependent, needs --calibration.")
 @click.option("--calibration", type=click.Path(exists=True, dir_okay=False),
@@ -280,7 +282,7 @@ def _inspect_totals(s: dict) -> None:
     click.echo(f"total:   {tot['params']:,} params, {tot['bytes']:,} bytes on disk "
                f"(dictionaries {s['dictionary_bytes']:,} bytes), "
                + both.format(a=_bpp(tot["array_bits_per_param"]), f=_bpp(tot["bits_per_param"]))
-               + "; arrays include the dictionaries' tables, files every file of the store")
+               + "; arrays include the dictionaries' stored arrays, files every file of the store")
 
 
 @main.command()
@@ -362,8 +364,9 @@ def verify(store, deep, as_json):
               help="Print {output, tensors, bytes, files} as JSON.")
 @clean_errors
 def unpack(store, output, max_shard_size, force, as_json):
-    """Write a store's weights to OUTPUT.safetensors, experts dequantized; an existing
-    OUTPUT is refused unless --force is given."""
+    """Write a store's weights to OUTPUT.safetensors, experts dequantized, with the source
+    checkpoint's safetensors metadata; an existing OUTPUT is refused unless --force is
+    given."""
     import qmoefmt
     from qmoefmt.io.unpack import parse_size, unpack as run_unpack
 

@@ -14,13 +14,15 @@ same bytes, as long as qmoefmt's writer has not changed.
 Outputs:
   fixtures/switch-tiny/model.safetensors   SwitchTransformers-style checkpoint, bf16
   fixtures/switch-tiny.qmoe/               pack --preset switch               (auto)
-  fixtures/switch-tiny-qmoe2023.qmoe/      pack --preset switch --dictionary qmoe-2023
   fixtures/edge/model.safetensors          edge shapes and dtypes
-  fixtures/edge.qmoe/                      pack --experts 'edge.*' --dictionary qmoe-2023
+  fixtures/edge-trie.qmoe/                 pack --experts 'edge.*' --dictionary qmoe-2023
   fixtures/edge-auto.qmoe/                 pack --experts 'edge.*'            (auto)
   fixtures/conformance/<store>.safetensors expected symbols and values of every coded tensor
   fixtures/conformance/manifest.json       expected codeword stream hashes, dictionary ids
-  fixtures/broken/<case>/, cases.json      copies of edge.qmoe with one defect each
+  fixtures/broken/<case>/, cases.json      copies of edge-trie.qmoe with one defect each
+and the k-bit stores and their manifests below. LEGACY stores were packed by earlier
+versions, in earlier forms of the format, and are never regenerated; the manifests
+still cover them (their entries come out unchanged).
 """
 from __future__ import annotations
 
@@ -42,11 +44,10 @@ REPO = Path(__file__).resolve().parents[1]
 FIX = REPO / "fixtures"
 
 STORES = {
-    # store dir name: (checkpoint, pack arguments)
+    # store dir name: (checkpoint, pack arguments). Format 1.4: compact dictionaries (§5.7).
     "switch-tiny.qmoe": ("switch-tiny/model.safetensors", ["--preset", "switch"]),
-    "switch-tiny-qmoe2023.qmoe": ("switch-tiny/model.safetensors",
-                                  ["--preset", "switch", "--dictionary", "qmoe-2023"]),
-    "edge.qmoe": ("edge/model.safetensors", ["--experts", "edge.*", "--dictionary", "qmoe-2023"]),
+    "edge-trie.qmoe": ("edge/model.safetensors",
+                       ["--experts", "edge.*", "--dictionary", "qmoe-2023"]),
     "edge-auto.qmoe": ("edge/model.safetensors", ["--experts", "edge.*"]),
 }
 # Format 1.1 (codec qmoe.uint-packed), added after the 1.0 fixtures: generated separately
@@ -56,16 +57,39 @@ UINT_STORES = {
     "edge-3bit-g16.qmoe": ("edge/model.safetensors",
                            ["--experts", "edge.*", "--bits", "3", "--group-size", "16"]),
 }
-# Format 1.2 (codec qmoe.uint-dict16), generated separately again.
+# Codec qmoe.uint-dict16 (1.2), with a compact dictionary since 1.4.
 UINT_DICT_STORES = {
     "switch-tiny-2bit-dict16.qmoe": ("switch-tiny/model.safetensors",
                                      ["--preset", "switch", "--bits", "2", "--kbit-codec", "dict16"]),
+}
+# Stores of earlier format versions, committed as those versions' packers wrote them
+# (their dictionaries as the five §5.6 tables): the inputs that show later readers still
+# open and verify them. Never regenerated: today's packer writes compact dictionaries.
+# The golomb-v2f stores of 1.0-1.2 went when 1.4 came (each held 4-9 dictionaries of
+# ~4.5 MB, 130 MB in all); their tables form is rebuilt and checked by the tests.
+# store: (checkpoint, the pack arguments it was made with, format version)
+LEGACY_STORES = {
+    "switch-tiny-qmoe2023.qmoe": ("switch-tiny/model.safetensors",
+                                  ["--preset", "switch", "--dictionary", "qmoe-2023"], "1.0"),
+    "edge.qmoe": ("edge/model.safetensors", ["--experts", "edge.*", "--dictionary", "qmoe-2023"],
+                  "1.0"),
     "edge-2bit-g16-dict16.qmoe": ("edge/model.safetensors",
                                   ["--experts", "edge.*", "--bits", "2", "--group-size", "16",
-                                   "--kbit-codec", "dict16", "--dictionary", "qmoe-2023"]),
+                                   "--kbit-codec", "dict16", "--dictionary", "qmoe-2023"], "1.2"),
 }
 OUTPUTS = ["switch-tiny", "edge", *STORES, "conformance", "broken", *UINT_STORES,
            "conformance-uint", *UINT_DICT_STORES, "conformance-uint-dict"]
+
+
+def ternary_stores() -> dict:
+    """store -> checkpoint of every ternary store a manifest covers, legacy ones too."""
+    return {**{k: v[0] for k, v in STORES.items()},
+            **{k: v[0] for k, v in LEGACY_STORES.items() if "--bits" not in v[1]}}
+
+
+def uint_dict_stores() -> dict:
+    return {**{k: v[0] for k, v in UINT_DICT_STORES.items()},
+            **{k: v[0] for k, v in LEGACY_STORES.items() if "--kbit-codec" in v[1]}}
 
 
 def _reference():
@@ -249,7 +273,7 @@ def make_conformance(ref) -> None:
         "stores": {},
     }
     mismatches = []
-    for store_name, (ckpt, _) in STORES.items():
+    for store_name, ckpt in sorted(ternary_stores().items()):
         store = FIX / store_name
         source = load_torch(str(FIX / ckpt))
         meta = store_root(store)
@@ -270,7 +294,7 @@ def make_conformance(ref) -> None:
             kind = dict_entry["kind"]
             if kind == "qmoe-2023":
                 codes, row_codes = ref.reference_encode(sym)
-                dict_id = ref.reference_content_id()
+                dict_id = ref.reference_content_id(dict_entry.get("form", "tables"))
                 stream_source = "reference-encoder"
             else:
                 codes = read_chunk(store, rec, "codes")
@@ -378,9 +402,10 @@ def flip(path: Path, offset: int, mask: int = 0x01) -> None:
 def make_broken(ref) -> None:
     from qmoefmt import format as fmt
     from qmoefmt.dictionaries.qmoe2023 import build_qmoe2023
-    from qmoefmt.dictionaries.tables import Dictionary
+    from qmoefmt.dictionaries import compact
+    from qmoefmt.dictionaries.tables import TABLES, stored_content_id
 
-    src = FIX / "edge.qmoe"
+    src = FIX / "edge-trie.qmoe"
     root = FIX / "broken"
     root.mkdir(parents=True, exist_ok=True)
     # sanity: re-signing an untouched store reproduces it byte for byte
@@ -391,9 +416,9 @@ def make_broken(ref) -> None:
 
     cases: dict[str, dict] = {}
 
-    def case(name, defect, expect, open_expect, deep_only=False):
+    def case(name, defect, expect, open_expect, deep_only=False, base=src):
         dst = root / name
-        shutil.copytree(src, dst)
+        shutil.copytree(base, dst)
         cases[name] = {"defect": defect, "expect": expect, "open_expect": open_expect,
                        "deep_only": deep_only}
         return Store(dst)
@@ -544,30 +569,55 @@ def make_broken(ref) -> None:
     s.set_tensor_array(odd, "row_codes", rc.astype(np.uint32))
     s.write_root()
 
-    s = case("dict-next-state", "qmoe-2023 table next_state[0, 5] = 1 with S = 1; every CRC, "
-             "the content id, the dictionary's path and every reference re-signed so only "
-             "table validation can notice", "next_state >= 1", "next_state >= 1")
-    (entry,) = s.meta["dictionaries"]
-    old_id, old_path = entry["id"], entry["path"]
-    tables = {}
-    for name in ("length", "next_state", "nnz", "nz_pos", "nz_sym"):
-        desc = entry["arrays"][name]
-        raw = (s.path / old_path / name / fmt.chunk_key(desc["shape"])).read_bytes()
-        tables[name] = np.frombuffer(raw, fmt.np_dtype(desc["data_type"])).reshape(
-            desc["shape"]).copy()
-    tables["next_state"][0, 5] = 1
-    new_id = Dictionary(kind="qmoe-2023", params={}, **tables).content_id
-    new_path = fmt.dictionary_path(new_id)
-    shutil.rmtree(s.path / old_path)
-    entry["id"], entry["path"] = new_id, new_path
-    entry["arrays"] = {name: s.write_array(f"{new_path}/{name}", a, None)
-                       for name, a in tables.items()}
-    (s.path / new_path / "zarr.json").write_bytes(fmt.group_doc({"qmoefmt": entry}))
-    for rec in s.meta["tensors"]:
-        if rec.get("dictionary") == old_id:
-            rec["dictionary"] = new_id
-            s.write_tensor_group(rec)
-    s.write_root()
+    def redictionary(s, change) -> None:
+        """Applies change(stored arrays, entry) to the store's one dictionary and re-signs
+        everything that names it: CRCs, the content id, its path, every reference."""
+        (entry,) = s.meta["dictionaries"]
+        old_id, old_path = entry["id"], entry["path"]
+        form = entry.get("form", "tables")
+        order = ([n for n, _ in TABLES] if form == "tables"       # the content id's order
+                 else [n for n, _, _ in compact.arrays(form, entry["n_states"])])
+        stored = {}
+        for name in order:
+            desc = entry["arrays"][name]
+            raw = (s.path / old_path / name / fmt.chunk_key(desc["shape"])).read_bytes()
+            stored[name] = np.frombuffer(raw, fmt.np_dtype(desc["data_type"])).reshape(
+                desc["shape"]).copy()
+        change(stored, entry)
+        new_id = stored_content_id(stored)
+        new_path = fmt.dictionary_path(new_id)
+        shutil.rmtree(s.path / old_path)
+        entry["id"], entry["path"] = new_id, new_path
+        entry["arrays"] = {name: s.write_array(f"{new_path}/{name}", a, None)
+                           for name, a in stored.items()}
+        (s.path / new_path / "zarr.json").write_bytes(fmt.group_doc({"qmoefmt": entry}))
+        for rec in s.meta["tensors"]:
+            if rec.get("dictionary") == old_id:
+                rec["dictionary"] = new_id
+                s.write_tensor_group(rec)
+        s.write_root()
+
+    def set_at(name, index, value):
+        def change(stored, entry):
+            stored[name][index] = value
+        return change
+
+    # Of the 1.0 store: the tables form, checked by the §5.6 validation.
+    s = case("dict-next-state", "qmoe-2023 table next_state[0, 5] = 1 with S = 1 (a copy of "
+             "the 1.0 store edge.qmoe); every CRC, the content id, the dictionary's path and "
+             "every reference re-signed so only table validation can notice",
+             "next_state >= 1", "next_state >= 1", base=FIX / "edge.qmoe")
+    redictionary(s, set_at("next_state", (0, 5), 1))
+
+    s = case("dict-trie-prefix", "qmoe-2023 trie prefix[5] = 6, a later codeword (spec 5.7.2); "
+             "every CRC, the content id, the dictionary's path and every reference re-signed "
+             "so only the derivation can notice", "prefix is neither", "prefix is neither")
+    redictionary(s, set_at("prefix", 5, 6))
+
+    s = case("dict-form-unknown", "the dictionary entry's form is \"zip\" (a form of a later "
+             "minor version, spec 3); root and dictionary group re-signed",
+             "form 'zip' is unknown", "form 'zip' is unknown")
+    redictionary(s, lambda stored, entry: entry.update(form="zip"))
 
     s = case("scales-lo-positive", f"scales[0, 0] (lo of row 0) of {odd} set to +0.5 "
              "(bf16 0x3f00); CRC recomputed", "lo <= 0 <= hi", "lo <= 0 <= hi")
@@ -703,11 +753,11 @@ def make_conformance_uint_dict(ref) -> None:
     out.mkdir(parents=True, exist_ok=True)
     manifest = {"description": "Expected levels/values (plain-numpy grid of spec section 12), "
                                "escapes and sign streams (spec section 13) of every "
-                               "qmoe.uint-dict16 tensor of the 1.2 fixture stores; "
+                               "qmoe.uint-dict16 tensor of the 1.2 and 1.4 fixture stores; "
                                "stream_source says where each codeword stream's hash "
                                "comes from.", "stores": {}}
     mismatches = []
-    for store_name, (ckpt, _) in UINT_DICT_STORES.items():
+    for store_name, ckpt in sorted(uint_dict_stores().items()):
         store = FIX / store_name
         source = load_torch(str(FIX / ckpt))
         meta = store_root(store)

@@ -23,7 +23,8 @@ def pytest_configure(config):
 
 @pytest.fixture(scope="session")
 def broken_dir():
-    """fixtures/broken: copies of edge.qmoe with one defect each (cases.json)."""
+    """fixtures/broken: copies of edge-trie.qmoe (one of the 1.0 edge.qmoe) with one
+    defect each (cases.json)."""
     return paths.BROKEN
 
 

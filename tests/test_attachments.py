@@ -72,7 +72,7 @@ def packed(tmp_path) -> Path:
 
 def test_round_trip(packed, tmp_path):
     st = qmoefmt.open(packed)
-    assert st.format_version == "1.3"
+    assert st.format_version == "1.4"          # its compact dictionary's (spec §5.7)
     assert st.attachments == ["config.json", "generation_config.json"]
     assert st.attachment("config.json") == CONFIG
     assert st.attachment("generation_config.json") == GENERATION
@@ -102,7 +102,7 @@ def test_only_config(tmp_path):
 
 
 @pytest.mark.parametrize("options, bare_version", [
-    (EXPERTS, "1.0"),
+    (EXPERTS, "1.4"),                          # a compact dictionary: 1.4 already
     (PackOptions(experts=("*.experts.*",), bits="2", kbit_codec="packed"), "1.1")])
 def test_attachments_only_add_to_the_root(tmp_path, options, bare_version):
     """Without attachments nothing changes (no member, the version as before 1.3); with
@@ -115,7 +115,7 @@ def test_attachments_only_add_to_the_root(tmp_path, options, bare_version):
     assert [f for f in bare if f != "zarr.json" and with_[f] != bare[f]] == []
     meta, bare_meta = root_meta(tmp_path / "with"), root_meta(tmp_path / "bare")
     assert "attachments" not in bare_meta and bare_meta["format_version"] == bare_version
-    assert meta["format_version"] == "1.3"
+    assert meta["format_version"] == max(bare_version, "1.3")
     as_before = {k: v for k, v in meta.items() if k != "attachments"}
     assert fmt.root_doc(dict(as_before, format_version=bare_version)) == bare["zarr.json"]
     assert qmoefmt.open(tmp_path / "bare").attachments == []
@@ -239,14 +239,14 @@ def test_pack_and_inspect_list_attachments(tmp_path):
     r = run("inspect", "--json", tmp_path / "s.qmoe")
     assert r.exit_code == 0, r.output
     s = json.loads(r.stdout)
-    assert s["format_version"] == "1.3"
+    assert s["format_version"] == "1.4"
     assert s["attachments"] == [
         {"name": "config.json", "bytes": len(CONFIG), "sha256": hashlib.sha256(CONFIG).hexdigest()},
         {"name": "generation_config.json", "bytes": len(GENERATION),
          "sha256": hashlib.sha256(GENERATION).hexdigest()}]
     r = run("inspect", tmp_path / "s.qmoe")
     assert f"  attachment config.json  {len(CONFIG):,} bytes  sha256:" in r.stdout
-    assert "qmoefmt format 1.3, complete" in r.stdout
+    assert "qmoefmt format 1.4, complete" in r.stdout
     bare = checkpoint(tmp_path / "bare", None, None)
     r = run("pack", bare, tmp_path / "b.qmoe", "--experts", "*.experts.*", "--json")
     assert json.loads(r.stdout)["attachments"] == []
@@ -290,8 +290,8 @@ def test_attachments_need_1_3(packed):
     st = qmoefmt.open(packed)          # read all the same: the reader knows the member
     assert st.config == json.loads(CONFIG)
     assert [p.what for p in verify(packed)] == [
-        "format_version 1.2 is not 1.3, the lowest defining the codecs used (qmoe.dense, "
-        "qmoe.ternary-dict16) and attachments (§14), spec §3"]
+        "format_version 1.2 is not 1.4, the lowest defining the codecs used (qmoe.dense, "
+        "qmoe.ternary-dict16) and compact dictionaries (§5.7) and attachments (§14), spec §3"]
 
 
 def test_a_store_without_attachments_declaring_1_3_is_reported(tmp_path):
@@ -299,8 +299,8 @@ def test_a_store_without_attachments_declaring_1_3_is_reported(tmp_path):
     meta = dict(root_meta(tmp_path / "s.qmoe"), format_version="1.3")
     (tmp_path / "s.qmoe" / "zarr.json").write_bytes(fmt.root_doc(meta))
     assert [p.what for p in verify(tmp_path / "s.qmoe")] == [
-        "format_version 1.3 is not 1.0, the lowest defining the codecs used (qmoe.dense, "
-        "qmoe.ternary-dict16), spec §3"]
+        "format_version 1.3 is not 1.4, the lowest defining the codecs used (qmoe.dense, "
+        "qmoe.ternary-dict16) and compact dictionaries (§5.7), spec §3"]
 
 
 def test_a_newer_minor_may_add_members_to_entries(packed):

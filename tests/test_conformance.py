@@ -21,10 +21,14 @@ def test_manifest_covers_the_fixture_stores(fixture_store):
     assert set(STORES) == set(paths.TERNARY_STORES)
     for store in STORES:
         st = qmoefmt.open(fixture_store(store))
+        # 1.0 stores hold their dictionaries as tables, 1.4 ones compact (spec §5.7)
+        legacy = store in paths.LEGACY_STORES
+        assert st.format_version == ("1.0" if legacy else "1.4"), store
+        assert {e.get("form", "tables") == "tables" for e in st.meta["dictionaries"]} == {legacy}
         coded = {n for n in st if st[n].codec == fmt.CODEC_TERNARY}
         assert coded == set(MANIFEST["stores"][store]["tensors"]), store
     # the streams of qmoe-2023 stores come from the independent reference encoder
-    for store in ("switch-tiny-qmoe2023.qmoe", "edge.qmoe"):
+    for store in ("switch-tiny-qmoe2023.qmoe", "edge.qmoe", "edge-trie.qmoe"):
         for t in MANIFEST["stores"][store]["tensors"].values():
             assert t["stream_source"] == "reference-encoder" and t["dictionary_kind"] == "qmoe-2023"
 
@@ -102,7 +106,7 @@ def test_uint_dict_manifest_covers_the_stores(fixture_store):
     kinds = set()
     for store in UDICT_STORES:
         st = qmoefmt.open(fixture_store(store))
-        assert st.format_version == "1.2"
+        assert st.format_version == ("1.2" if store in paths.LEGACY_STORES else "1.4")
         coded = {n for n in st if st[n].codec == fmt.CODEC_UINT_DICT}
         assert coded == set(MANIFEST_UDICT["stores"][store]["tensors"]), store
         kinds |= {e["stream_source"] for e in MANIFEST_UDICT["stores"][store]["tensors"].values()}

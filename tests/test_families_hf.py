@@ -43,6 +43,7 @@ def test_pack_verify_unpack_load(preset, config_class, kw, tmp_path):
     routed = [n for n in names if ROUTED.match(n)]
     assert routed and summary.expert_tensors == len(routed)
     assert verify(store, deep=True) == []
+    assert st.source_metadata == {"format": "pt"}      # what save_pretrained writes
 
     out = tmp_path / "unpacked"
     unpack(st, out, max_shard_size=20_000)

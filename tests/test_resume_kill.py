@@ -4,9 +4,6 @@ second writer is refused; tensor names are data and cannot break the layout."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +15,10 @@ from qmoefmt.pack import PackError, PackOptions, pack
 from qmoefmt.store import writer as W
 from qmoefmt.store.verify import verify
 from qmoefmt.store.writer import StoreExistsError
+from qmoefmt.testing import kill
+from qmoefmt.testing.kill import files_of
 
-OPTIONS = dict(experts=("*experts*",), dictionary="qmoe-2023")
+OPTIONS = {"experts": ["*experts*"], "dictionary": "qmoe-2023"}
 
 
 def checkpoint(path: Path, names=None) -> Path:
@@ -31,57 +30,17 @@ def checkpoint(path: Path, names=None) -> Path:
     return path
 
 
-def files_of(root: Path) -> dict[str, bytes]:
-    return {p.relative_to(root).as_posix(): p.read_bytes()
-            for p in sorted(root.rglob("*")) if p.is_file()}
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """The checkpoint, an uninterrupted pack of it, and the writes that pack made."""
     tmp = tmp_path_factory.mktemp("kill")
     ckpt = checkpoint(tmp / "m.safetensors")
-    writes = []
-    real = W._write_file
-
-    def counting(path, *a, **kw):
-        writes.append(Path(path).relative_to(tmp / "ref.qmoe").as_posix())
-        return real(path, *a, **kw)
-    W._write_file = counting
-    try:
-        pack(ckpt, tmp / "ref.qmoe", PackOptions(**OPTIONS))
-    finally:
-        W._write_file = real
+    writes = kill.counted_writes(ckpt, tmp / "ref.qmoe", OPTIONS)
     return ckpt, files_of(tmp / "ref.qmoe"), writes
 
 
-# The child packs and SIGKILLs itself at write number N: before it ("before"), or with the
-# temporary file written and not yet renamed ("renaming").
-CHILD = textwrap.dedent("""
-    import os, signal, sys
-    from pathlib import Path
-    from qmoefmt.pack import PackOptions, pack
-    from qmoefmt.store import writer as W
-    ckpt, out, n, mode = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
-    real, count = W._write_file, [0]
-    def dying(path, data, *a, **kw):
-        if count[0] == n:
-            if mode == "renaming":
-                Path(path).parent.mkdir(parents=True, exist_ok=True)
-                Path(f"{path}.partial.{os.getpid()}").write_bytes(bytes(data)[:7])
-            os.kill(os.getpid(), signal.SIGKILL)
-        count[0] += 1
-        return real(path, data, *a, **kw)
-    W._write_file = dying
-    pack(ckpt, out, PackOptions(experts=("*experts*",), dictionary="qmoe-2023"),
-         resume=Path(out).exists())
-""")
-
-
-def kill_at(ckpt: Path, out: Path, n: int, mode: str) -> int:
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
-    return subprocess.run([sys.executable, "-c", CHILD, str(ckpt), str(out), str(n), mode],
-                          env=env, capture_output=True, timeout=300).returncode
+def kill_at(ckpt, out, n, mode):
+    return kill.kill_at(ckpt, out, n, mode, OPTIONS)
 
 
 def stages(writes: list[str]) -> dict[str, int]:

@@ -76,7 +76,8 @@ def test_the_bundled_model_runs_from_a_2bit_store(tmp_path):
     out = tmp_path / "moe-tiny-2bit.qmoe"
     pack(paths.checkpoint("moe-tiny"), out, PackOptions(preset="switch", bits="2"))
     store = qmoefmt.open(out)
-    assert {store[n].codec for n in store if store[n].unit.expert} == {"qmoe.uint-packed"}
+    # --kbit-codec auto: the signs pay for their 48 KiB compact dictionary (spec §5.7)
+    assert {store[n].codec for n in store if store[n].unit.expert} == {"qmoe.uint-dict16"}
     model = load_dense(paths.checkpoint("moe-tiny")).eval()
     assert len(load_model(store, model, preset="switch")["compressed"]) == 64
     tokens = torch.from_numpy(heldout_tokens()[:2 * 257].astype(np.int64)).reshape(2, 257)

@@ -1,4 +1,4 @@
-"""unpack writes the metadata transformers checks and transformers-style shards
+"""unpack keeps the source's safetensors metadata and writes transformers-style shards
 (`--max-shard-size`) with their index and the store's config.json; an existing output is
 refused unless forced, and a failed unpack leaves nothing behind."""
 from __future__ import annotations
@@ -16,6 +16,7 @@ import qmoefmt
 from qmoefmt_cli.main import main
 from qmoefmt.io.unpack import OutputExistsError, parse_size, unpack
 from qmoefmt.pack import PackOptions, pack
+from qmoefmt.store.verify import verify
 
 
 def checkpoint(directory, metadata=None):
@@ -46,11 +47,27 @@ def read_all(directory) -> dict[str, np.ndarray]:
     return out
 
 
-def test_metadata_is_what_transformers_checks(store, tmp_path):
+def test_source_metadata_is_recorded_and_written_back(store, tmp_path):
+    assert store.source_metadata == {"format": "pt", "origin": "test"}
+    assert store.format_version == "1.4"            # source.metadata is a 1.4 member
+    assert verify(store.path, deep=True) == []
     out = tmp_path / "d.safetensors"
     unpack(store, out)
     with safe_open(str(out), "np") as f:
-        assert f.metadata() == {"format": "pt"}
+        assert f.metadata() == {"format": "pt", "origin": "test"}
+
+
+def test_a_source_without_metadata_keeps_its_version(tmp_path):
+    src = checkpoint(tmp_path / "src")
+    # bit-packed: no dictionary, whose compact form would need 1.4 by itself
+    pack(src, tmp_path / "s.qmoe", PackOptions(experts=("*experts*",), bits="2",
+                                               kbit_codec="packed"))
+    st = qmoefmt.open(tmp_path / "s.qmoe")
+    assert st.source_metadata is None and "metadata" not in st.meta["source"]
+    assert st.format_version == "1.3"                 # config.json attached, nothing newer
+    unpack(st, tmp_path / "d.safetensors")
+    with safe_open(str(tmp_path / "d.safetensors"), "np") as f:
+        assert f.metadata() == {"format": "pt"}       # what transformers' loader checks
 
 
 def test_shards_hold_every_tensor_once_within_the_limit(store, tmp_path):
@@ -75,7 +92,7 @@ def test_shards_hold_every_tensor_once_within_the_limit(store, tmp_path):
         nbytes = sum(a.nbytes for a in tensors.values())
         assert nbytes <= limit or len(tensors) == 1
         with safe_open(str(d / shard), "np") as f:
-            assert f.metadata() == {"format": "pt"}
+            assert f.metadata() == {"format": "pt", "origin": "test"}
     assert not os.path.exists(str(d) + ".partial")
 
 

@@ -3,7 +3,17 @@
 `qmoefmt.testing.backends.DecodeBackendTests`."""
 from __future__ import annotations
 
+import numba
+
 from .base import DecodeBackend
+
+# Here, before any parallel kernel runs (the layer is fixed at the first launch): Numba's
+# pip wheels default to GNU OpenMP, whose forked children die at their first parallel
+# kernel, and multiprocessing, DataLoader workers and Dask's process pools fork. "forksafe"
+# takes TBB if installed (it also survives kernels launched from several threads at once),
+# else workqueue, which does not: install tbb for that. NUMBA_THREADING_LAYER still rules.
+if numba.config.THREADING_LAYER == "default":
+    numba.config.THREADING_LAYER = "forksafe"
 
 DEFAULT = "numba"
 _BACKENDS: dict[str, DecodeBackend] = {}

@@ -15,8 +15,11 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-# gpu/ beside the package, in the checkout it runs from
-SOURCES = Path(__file__).resolve().parents[2] / "gpu"
+try:        # installed: the data package qmoefmt_gpu (an editable install maps it to gpu/)
+    import qmoefmt_gpu
+    SOURCES = Path(qmoefmt_gpu.__file__).resolve().parent
+except ImportError:     # a checkout on PYTHONPATH, not installed (scripts/gpu_check.sh)
+    SOURCES = Path(__file__).resolve().parents[2] / "gpu"
 KERNEL_FILES = ("ternary.cu", "kbit.cu", "dict_levels.cu")
 HEADERS = ("qmoe_warp.cuh", "qmoe_lane.cuh", "qmoe_kernels.cuh")
 HARNESS = "host_harness.cpp"

@@ -76,6 +76,7 @@ class Codec:
     id: ClassVar[str]
     since: ClassVar[str]                  # the format version that defines it (spec §3)
     arrays: ClassVar[tuple[str, ...]]     # the arrays a tensor of this codec has, exactly
+    members: ClassVar[tuple[str, ...]] = ()   # record members it requires beyond §4.5's
     expert: ClassVar[bool] = True         # quantized expert weights (inspect's "experts")
     uses_dictionary: ClassVar[bool] = False
     multiplies: ClassVar[bool] = False     # has a decode-matmul (`runtime`)

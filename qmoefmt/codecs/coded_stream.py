@@ -13,6 +13,7 @@ from .base import ArraySpec, Codec, TensorArrays
 
 class DictionaryCoded(Codec):
     uses_dictionary = True
+    members = ("dictionary", "quantizer", "symbol_counts")
 
     def stream_specs(self, t: TensorArrays) -> dict[str, ArraySpec]:
         rows, _ = t.rows_cols
@@ -49,7 +50,7 @@ class DictionaryCoded(Codec):
         if got != counts:
             raise FormatError(where, f"tensor {t.name!r}: decoded symbol counts {got} "
                                      f"!= recorded {counts}")
-        canon = dictionaries.canonical(d.kind, d.params)
+        canon = dictionaries.canonical(d.kind, d.params, d.form)
         if canon is not None and canon.content_id == d.content_id:
             c2, rc2 = encode(sym, canon)
             if not (np.array_equal(c2, codes) and np.array_equal(rc2.astype(np.int64),

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..format import constants as C
 from ..dictionaries.stream import row_range
+from ..errors import FormatError
+from ..format import constants as C
 from .base import ArraySpec, Codec, TensorArrays
 
 
@@ -26,14 +27,26 @@ class Dense(Codec):
         if t.record["dtype"] == "bfloat16":
             import ml_dtypes
             return a.view(ml_dtypes.bfloat16)
+        if a.dtype == np.bool_ and a.size:
+            # numpy reads any nonzero byte as True, another reader may not: one meaning
+            raw = a.reshape(-1).view(np.uint8)
+            if int(raw.max()) > 1:
+                i = int(np.argmax(raw > 1))
+                raise FormatError(f"{t.where}/data", f"tensor {t.name!r}: element {i} is byte "
+                                                     f"{int(raw[i])}; bool data is 0 or 1 (spec §7)")
         return a
 
     def decode(self, t: TensorArrays, check_crc: bool = True, backend=None,
                rows: slice | None = None) -> np.ndarray:
+        """float32 values for float dtypes; integers and bools in their own dtype, which
+        float32 would round (int64 above 2^24, spec §7)."""
         a = self.native(t, check_crc)
         if rows is not None:
             a = a.reshape(t.rows_cols)[slice(*row_range(rows, t.rows_cols[0]))]
-        return np.asarray(a, dtype=np.float32)
+        return np.asarray(a, dtype=np.float32 if t.record["dtype"] in C.FLOAT_DTYPES else None)
+
+    def check(self, t: TensorArrays, deep: bool) -> None:
+        self.native(t, check_crc=False)
 
     def encode(self, a: np.ndarray, dtype: str) -> tuple[dict, dict]:
         """(record members, arrays {name: (ndarray, logical dtype)}) of a source tensor."""

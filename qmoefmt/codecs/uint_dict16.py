@@ -25,7 +25,10 @@ from .kbit_grid import KbitGrid, dequantize
 
 
 def _zero_points(zeros: np.ndarray, cols: int, group_size: int) -> np.ndarray:
-    return np.asarray(zeros)[:, np.arange(cols) // group_size].astype(np.int16)
+    zeros = np.asarray(zeros)
+    if zeros.shape[0] * cols == 0:      # no rows: no per-column index for a huge width
+        return np.zeros((zeros.shape[0], cols), np.int16)
+    return zeros[:, np.arange(cols) // group_size].astype(np.int16)
 
 
 def steps(levels: np.ndarray, zeros: np.ndarray, group_size: int) -> np.ndarray:
@@ -55,9 +58,56 @@ def merge(ternary: np.ndarray, zeros: np.ndarray, group_size: int, bits: int,
     """The levels (uint8 [rows, cols]) back, after checking every escape and level against
     spec §13; any inconsistency is a FormatError naming `where` and the row (counted from
     `first_row`, for a slice of the tensor), never a wrong level."""
+    rows, cols = ternary.shape
+    counts, cols_e, lev_e, row_of = _escape_lists(rows, cols, bits, row_escapes, escape_cols,
+                                                  escape_levels, where, first_row)
+    maxq = (1 << bits) - 1
+    n = cols_e.shape[0]
+    zp = _zero_points(zeros, cols, group_size)
+    t = np.asarray(ternary)
+    levels = zp + (t == 2).astype(np.int16) - (t == 1).astype(np.int16)
+    if n:
+        d = lev_e - zp[row_of, cols_e]
+        sym = t[row_of, cols_e]
+        bad = (np.abs(d) < 2) | ((d > 0) != (sym == 2)) | (sym == 0)
+        if bad.any():
+            k = int(np.argmax(bad))
+            raise FormatError(where, f"row {first_row + int(row_of[k])}, column {int(cols_e[k])}: escape level "
+                                     f"{int(lev_e[k])} with zero point {int(zp[row_of[k], cols_e[k]])} "
+                                     f"and ternary symbol {int(sym[k])} (must be >= 2 steps away, "
+                                     "on the symbol's side)")
+        levels[row_of, cols_e] = lev_e
+    out = (levels < 0) | (levels > maxq)
+    if out.any():
+        r, c = (int(i[0]) for i in np.nonzero(out))
+        raise FormatError(where, f"row {first_row + r}, column {c}: ternary symbol {int(t[r, c])} with zero "
+                                 f"point {int(zp[r, c])} gives a level outside 0..{maxq}")
+    return levels.astype(np.uint8)
+
+
+def check_escapes(zeros: np.ndarray, group_size: int, bits: int, cols: int, row_escapes,
+                  escape_cols, escape_levels, where: str) -> None:
+    """What spec §13 requires of the escapes without the sign stream (verify, shallow):
+    the lists consistent, and every escape level >= 2 steps from its zero point."""
+    rows = np.asarray(zeros).shape[0]
+    _, cols_e, lev_e, row_of = _escape_lists(rows, cols, bits, row_escapes, escape_cols,
+                                             escape_levels, where, 0)
+    if cols_e.shape[0]:
+        z = np.asarray(zeros)[row_of, cols_e // group_size].astype(np.int16)
+        bad = np.abs(lev_e - z) < 2
+        if bad.any():
+            k = int(np.argmax(bad))
+            raise FormatError(where, f"row {int(row_of[k])}, column {int(cols_e[k])}: escape level "
+                                     f"{int(lev_e[k])} with zero point {int(z[k])} (must be >= 2 "
+                                     "steps away)")
+
+
+def _escape_lists(rows: int, cols: int, bits: int, row_escapes, escape_cols, escape_levels,
+                  where: str, first_row: int):
+    """(counts, columns, levels, row of each escape), checked against each other, the row
+    width and 2^bits."""
     if bits not in C.KBIT_BITS:
         raise FormatError(where, f"bits {bits!r} not one of {C.KBIT_BITS}")
-    rows, cols = ternary.shape
     maxq = (1 << bits) - 1
     counts = np.asarray(row_escapes, np.int64)
     cols_e = np.asarray(escape_cols, np.int64)
@@ -84,26 +134,7 @@ def merge(ternary: np.ndarray, zeros: np.ndarray, group_size: int, bits: int,
         if int(lev_e.max()) > maxq:
             k = int(np.argmax(lev_e > maxq))
             raise FormatError(where, f"row {first_row + int(row_of[k])}: escape level {int(lev_e[k])} >= 2**{bits}")
-    zp = _zero_points(zeros, cols, group_size)
-    t = np.asarray(ternary)
-    levels = zp + (t == 2).astype(np.int16) - (t == 1).astype(np.int16)
-    if n:
-        d = lev_e - zp[row_of, cols_e]
-        sym = t[row_of, cols_e]
-        bad = (np.abs(d) < 2) | ((d > 0) != (sym == 2)) | (sym == 0)
-        if bad.any():
-            k = int(np.argmax(bad))
-            raise FormatError(where, f"row {first_row + int(row_of[k])}, column {int(cols_e[k])}: escape level "
-                                     f"{int(lev_e[k])} with zero point {int(zp[row_of[k], cols_e[k]])} "
-                                     f"and ternary symbol {int(sym[k])} (must be >= 2 steps away, "
-                                     "on the symbol's side)")
-        levels[row_of, cols_e] = lev_e
-    out = (levels < 0) | (levels > maxq)
-    if out.any():
-        r, c = (int(i[0]) for i in np.nonzero(out))
-        raise FormatError(where, f"row {first_row + r}, column {c}: ternary symbol {int(t[r, c])} with zero "
-                                 f"point {int(zp[r, c])} gives a level outside 0..{maxq}")
-    return levels.astype(np.uint8)
+    return counts, cols_e, lev_e, row_of
 
 
 def coded_bytes(n_codes: int, rows: int, cols: int, n_escapes: int) -> int:
@@ -193,6 +224,8 @@ class UintDict16(KbitGrid, DictionaryCoded):
     multiplies = True
     arrays = ("codes", "row_codes", "row_escapes", "escape_cols", "escape_levels",
               "scales", "zeros")
+    members = KbitGrid.members + ("dictionary", "symbol_counts")
+    check = DictionaryCoded.check     # the stream's checks, with the grid's as its params
 
     def array_specs(self, t: TensorArrays) -> dict[str, ArraySpec]:
         rows, cols = t.rows_cols
@@ -237,6 +270,13 @@ class UintDict16(KbitGrid, DictionaryCoded):
                                 np.ascontiguousarray(self.float_scales(t, check_crc)),
                                 np.ascontiguousarray(self.zero_points(t, check_crc)), d, bits,
                                 t.record["group_size"])
+
+    def check_params(self, t: TensorArrays) -> None:
+        self.check_grid(t)
+        check_escapes(self.zero_points(t, check_crc=False), t.record["group_size"],
+                      self.params(t)[0], t.rows_cols[1],
+                      *(t.array(n, check_crc=False) for n in ("row_escapes", "escape_cols",
+                                                              "escape_levels")), t.where)
 
     def ternary_stream(self, t: TensorArrays, symbols: np.ndarray) -> np.ndarray:
         # symbols() checked every escape against the stream; the stream is the signs

@@ -52,6 +52,16 @@ def pack_levels(q: np.ndarray, bits: int) -> np.ndarray:
     return out
 
 
+def check_padding(packed: np.ndarray, bits: int, cols: int, where: str) -> None:
+    """The bits after each row's last level are 0 (§12), from the rows' last bytes alone."""
+    used = cols * bits % 8
+    if not used or not packed.size:
+        return
+    bad = (np.asarray(packed[:, -1]) >> used) != 0
+    if bad.any():
+        raise FormatError(where, f"row {int(np.argmax(bad))}: nonzero padding bits in q")
+
+
 def unpack_levels(packed: np.ndarray, bits: int, cols: int, where: str = "tensor",
                   backend=None) -> np.ndarray:
     rows = packed.shape[0]
@@ -119,8 +129,10 @@ class UintPacked(KbitGrid):
                             t.record["group_size"])
 
     def check(self, t: TensorArrays, deep: bool) -> None:
-        if deep:
-            self.grid(t, check_crc=False)
+        super().check(t, deep)
+        if not deep:          # a deep check unpacks every row, padding included
+            bits, _ = self.params(t)
+            check_padding(t.array("q", check_crc=False), bits, t.rows_cols[1], t.where)
 
     def encode(self, levels: np.ndarray, bits: int, scales_bits: np.ndarray,
                zeros: np.ndarray) -> tuple[dict, dict]:

@@ -24,6 +24,7 @@ import numba as nb
 import numpy as np
 
 from ..format.constants import KIND_GOLOMB
+from . import compact
 from .tables import CODEWORDS, Dictionary
 
 MAX_K = 12
@@ -51,65 +52,42 @@ def ladder_point(p0: float) -> float:
     return min(LADDER, key=lambda q: (cross_entropy(p0, q), q))
 
 
-def choose(p0: float, held: list[float], tolerance: float = 0.01) -> float:
-    """The P(0) of the dictionary to code a tensor with: one the store already holds if
-    it costs at most `tolerance` more than the ideal ladder point, else that point.
-    Dictionaries are ~5 MB, so a store should hold few; the choice depends only on the
-    tensors before this one, so a resumed pack chooses as an uninterrupted one did."""
-    ideal = ladder_point(p0)
-    if held:
-        best = min(held, key=lambda q: (cross_entropy(p0, q), q))
-        if cross_entropy(p0, best) <= (1 + tolerance) * cross_entropy(p0, ideal):
-            return best
-    return ideal
-
-
 @dataclass(frozen=True)
 class Decision:
-    p1: float          # model probability of branch 1
-    emit: tuple        # per branch: ("zeros", n) or ("sym", 1|2) or None
+    p1: float          # model probability of branch 1 (construction only, §5.4)
     next: tuple        # per branch: the state of the next decision
 
 
 def decisions(p0: float, k: int) -> list[Decision]:
+    """The model of §5.4's decision table; what each branch emits is compact._child's,
+    which readers need too and which takes no floating point."""
     m = 1 << k
     u, s = 0, k + 1
-    out = [Decision(p0 ** m, (None, ("zeros", m)), (1 if k else s, u))]
+    out = [Decision(p0 ** m, (1 if k else s, u))]
     for st in range(1, k + 1):
-        j = k - st
-        a = p0 ** (1 << j)
-        out.append(Decision(a / (1 + a), (None, ("zeros", 1 << j)), (st + 1, st + 1)))
-    out.append(Decision(0.5, (("sym", 1), ("sym", 2)), (u, u)))
+        a = p0 ** (1 << (k - st))
+        out.append(Decision(a / (1 + a), (st + 1, st + 1)))
+    out.append(Decision(0.5, (u, u)))
     return out
 
 
-_KMAX = 32
-
-
 @nb.njit(cache=True)
-def _grow_tree(start, p1, ez, es, nx, child, node_base, length, nxt_state, nnz, nz_pos, nz_sym):
-    """One state's tree: 65535 expansions of the most probable leaf (ties: the leaf
-    created first), then its leaves, sorted by decreasing probability and creation order,
-    become the state's codewords. Returns (nodes used, max nnz, a leaf emits nothing)."""
+def _grow_tree(start, p1, nx, child, node_base, by_probability):
+    """One state's tree shape: 65535 expansions of the most probable leaf (ties: the leaf
+    created first). child[node, branch] is set to the child node, or -1 for a leaf;
+    by_probability[i] = node * 2 + branch of the leaf i-th in decreasing probability (the
+    numbering of stores before 1.4). Returns the next free node."""
     maxl = 2 * CODEWORDS
-    lp = np.empty(maxl, np.float64)          # -probability, as the heap orders it
     lst = np.empty(maxl, np.int64)
-    lln = np.empty(maxl, np.int64)
-    lk = np.empty(maxl, np.int64)
-    lzp = np.empty((maxl, _KMAX), np.int64)
-    lzs = np.empty((maxl, _KMAX), np.int64)
     lpar = np.empty(maxl, np.int64)
     lbr = np.empty(maxl, np.int64)
-    lp[0] = -1.0
     lst[0] = start
-    lln[0] = 0
-    lk[0] = 0
     lpar[0] = -1
     lbr[0] = 0
-    heap = [(-1.0, 0)]
+    heap = [(-1.0, 0)]                 # (-probability, creation order) of the leaves
     n_created = 1
     node = node_base
-    for _ in range(65535):
+    for _ in range(CODEWORDS - 1):
         negp, lid = heapq.heappop(heap)
         if lpar[lid] >= 0:
             child[lpar[lid], lbr[lid]] = node
@@ -118,81 +96,80 @@ def _grow_tree(start, p1, ez, es, nx, child, node_base, length, nxt_state, nnz, 
             q = 1.0 - p1[st] if b == 0 else p1[st]
             c = n_created
             n_created += 1
-            lp[c] = negp * q
             lst[c] = nx[st, b]
-            lln[c] = lln[lid] + ez[st, b]
-            lk[c] = lk[lid]
-            for i in range(lk[lid]):
-                lzp[c, i] = lzp[lid, i]
-                lzs[c, i] = lzs[lid, i]
-            if es[st, b] != 0:
-                if lk[c] == _KMAX:
-                    return node, _KMAX + 1, False
-                lzp[c, lk[c]] = lln[lid]
-                lzs[c, lk[c]] = es[st, b]
-                lk[c] += 1
-                lln[c] += 1
             lpar[c] = node
             lbr[c] = b
-            heapq.heappush(heap, (lp[c], c))
+            child[node, b] = -1
+            heapq.heappush(heap, (negp * q, c))
         node += 1
-    kmax = 0
-    empty = False
-    for code in range(CODEWORDS):
-        lid = heapq.heappop(heap)[1]       # popping the heap empty sorts the leaves
-        child[lpar[lid], lbr[lid]] = ~code
-        length[code] = lln[lid]
-        empty = empty or lln[lid] == 0
-        nxt_state[code] = lst[lid]
-        nnz[code] = lk[lid]
-        kmax = max(kmax, lk[lid])
-        for i in range(lk[lid]):
-            nz_pos[code, i] = lzp[lid, i]
-            nz_sym[code, i] = lzs[lid, i]
-    return node, kmax, empty
+    for i in range(CODEWORDS):
+        lid = heapq.heappop(heap)[1]        # popping the heap empty sorts the leaves
+        by_probability[i] = 2 * lpar[lid] + lbr[lid]
+    return node
+
+
+@nb.njit(cache=True)
+def _number_leaves(child, roots):
+    """Leaf c of each state's tree, in preorder (branch 0 first), becomes ~c in child:
+    the numbering of spec §5.7.1, which the tree's shape alone determines."""
+    stack = np.empty(2 * CODEWORDS, np.int64)       # child slots node * 2 + branch
+    for s in range(roots.shape[0]):
+        code = 0
+        stack[0] = 2 * roots[s] + 1
+        stack[1] = 2 * roots[s]
+        sp = 2
+        while sp > 0:
+            sp -= 1
+            v, b = stack[sp] >> 1, stack[sp] & 1
+            c = child[v, b]
+            if c < 0:
+                child[v, b] = ~code
+                code += 1
+            else:
+                stack[sp] = 2 * c + 1
+                stack[sp + 1] = 2 * c
+                sp += 2
 
 
 @lru_cache(maxsize=8)
-def build_golomb(p0: float, k: int | None = None) -> Dictionary:
+def build_golomb(p0: float, k: int | None = None, form: str = compact.TREE_FORM) -> Dictionary:
     """Greedy Tunstall expansion, per start state, of the most probable leaf (ties: the
-    earliest created) until 2^16 leaves; codewords in order of decreasing probability."""
+    earliest created) until 2^16 leaves. What a 1.4 store holds is the trees' shapes
+    (§5.7.1), whose tables come from them by the readers' own derivation; form="tables"
+    gives the dictionary as stores before 1.4 held it, the same entries numbered by
+    decreasing probability (what `verify --deep` re-encodes those stores with)."""
     if k is None:
         k = golomb_k(p0)
     dec = decisions(p0, k)
     n_states = k + 2
     p1 = np.array([d.p1 for d in dec], np.float64)
-    ez = np.zeros((n_states, 2), np.int64)   # zeros a branch emits
-    es = np.zeros((n_states, 2), np.int64)   # the nonzero symbol it emits, or 0
-    nx = np.zeros((n_states, 2), np.int64)
-    for st, d in enumerate(dec):
-        for b in range(2):
-            e = d.emit[b]
-            if e is not None and e[0] == "zeros":
-                ez[st, b] = e[1]
-            elif e is not None:
-                es[st, b] = e[1]
-            nx[st, b] = d.next[b]
+    nx = np.array([d.next for d in dec], np.int64)
     # child[node, branch]: >= 0 an internal node, < 0 the leaf codeword ~child.
     child = np.zeros((n_states * (CODEWORDS - 1), 2), np.int32)
     roots = np.zeros(n_states, np.int32)
-    length = np.zeros((n_states, CODEWORDS), np.uint16)
-    nxt = np.zeros((n_states, CODEWORDS), np.uint8)
-    nnz = np.zeros((n_states, CODEWORDS), np.uint8)
-    pos = np.zeros((n_states, CODEWORDS, _KMAX), np.uint16)
-    sym = np.zeros((n_states, CODEWORDS, _KMAX), np.uint8)
-    node, kmax = 0, 1
+    by_probability = np.zeros((n_states, CODEWORDS), np.int64)
+    node = 0
     for start in range(n_states):
         roots[start] = node
-        node, kk, empty = _grow_tree(start, p1, ez, es, nx, child, node, length[start],
-                                     nxt[start], nnz[start], pos[start], sym[start])
-        if kk > _KMAX or empty:
-            raise ValueError(f"golomb-v2f p0={p0} k={k}: an entry has no symbols or more "
-                             f"than {_KMAX} nonzeros")
-        kmax = max(kmax, kk)
-    d = Dictionary(kind=KIND_GOLOMB, params={"p_zero": p0, "k": k}, length=length,
-                   next_state=nxt, nnz=nnz, nz_pos=np.ascontiguousarray(pos[:, :, :kmax]),
-                   nz_sym=np.ascontiguousarray(sym[:, :, :kmax]))
-    d.encoder = parse_tables(child, roots, nxt)
+        node = _grow_tree(start, p1, nx, child, node, by_probability[start])
+    tree = compact.tree_bits(child, roots)
+    _number_leaves(child, roots)
+    tables, problem = compact.derive(compact.TREE_FORM, {"tree": tree}, n_states)
+    if problem is not None:
+        raise ValueError(f"golomb-v2f p0={p0} k={k}: {problem}")
+    params = {"p_zero": p0, "k": k}
+    if form == compact.TABLES_FORM:
+        slots = by_probability.reshape(-1)
+        preorder = ~child.reshape(-1)[slots].reshape(n_states, CODEWORDS)
+        child.reshape(-1)[slots] = ~np.tile(np.arange(CODEWORDS, dtype=np.int32), n_states)
+        tables = {name: np.ascontiguousarray(np.take_along_axis(
+            a, preorder.reshape(preorder.shape + (1,) * (a.ndim - 2)), axis=1))
+            for name, a in tables.items()}
+        d = Dictionary(kind=KIND_GOLOMB, params=params, **tables)
+    else:
+        d = Dictionary(kind=KIND_GOLOMB, params=params, form=form, stored={"tree": tree},
+                       **tables)
+    d.encoder = parse_tables(child, roots, d.next_state)
     return d
 
 

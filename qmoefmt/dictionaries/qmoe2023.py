@@ -15,7 +15,8 @@ from functools import lru_cache
 import numpy as np
 
 from ..format.constants import KIND_QMOE2023
-from .tables import CODEWORDS, Dictionary, tables_from_entries
+from . import compact
+from .tables import CODEWORDS, Dictionary
 
 P_ZERO = 0.885
 MAX_PAIRS = 14
@@ -42,24 +43,28 @@ def qmoe_sequences() -> list[list[int]]:
     return res
 
 
-@lru_cache(maxsize=1)
-def build_qmoe2023() -> Dictionary:
+@lru_cache(maxsize=2)
+def build_qmoe2023(form: str = compact.TRIE_FORM) -> Dictionary:
+    """Stored since 1.4 as its trie (§5.7.2): each codeword's sequence is an earlier
+    codeword's (its prefix, popped before it) and one pair more; the tables derive from
+    that. form="tables" gives it as stores before 1.4 held it."""
     seqs = qmoe_sequences()
-    entries = []
     index = {}
+    prefix = np.zeros(CODEWORDS, np.uint16)
+    pair = np.zeros(CODEWORDS, np.uint8)
     trie = np.full((CODEWORDS + 1, 9), -1, np.int32)
     for code, seq in enumerate(seqs):
-        nz = []
-        for n, r in enumerate(seq):
-            for half, t in enumerate((r % 3, r // 3)):
-                if t:
-                    nz.append((2 * n + half, t))
-        entries.append((2 * len(seq), 0, nz))
         index[tuple(seq)] = code
         parent = TRIE_ROOT if len(seq) == 1 else index[tuple(seq[:-1])]
         trie[parent, seq[-1]] = code
-    d = Dictionary(kind=KIND_QMOE2023,
-                   params={"p_zero": P_ZERO, "max_pairs": MAX_PAIRS},
-                   **tables_from_entries(1, [entries]))
+        prefix[code] = code if parent == TRIE_ROOT else parent
+        pair[code] = seq[-1]
+    stored = {"prefix": prefix, "pair": pair}
+    tables, problem = compact.derive(compact.TRIE_FORM, stored, 1)
+    if problem is not None:
+        raise ValueError(f"qmoe-2023: {problem}")
+    d = Dictionary(kind=KIND_QMOE2023, params={"p_zero": P_ZERO, "max_pairs": MAX_PAIRS},
+                   form=form, stored=None if form == compact.TABLES_FORM else stored,
+                   **tables)
     d.encoder = trie
     return d

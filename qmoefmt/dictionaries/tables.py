@@ -1,9 +1,10 @@
-"""Dictionaries of the dictionary-coded codecs (`qmoe.ternary-dict16`, `qmoe.uint-dict16`),
-as the spec stores them (spec §5).
+"""Dictionaries of the dictionary-coded codecs (`qmoe.ternary-dict16`, `qmoe.uint-dict16`)
+as readers decode with them: the five expansion tables of spec §5.6.
 
 A dictionary maps a 16-bit codeword, read in a decoder *state*, to a run of ternary
-symbols. Readers only ever need the expansion tables below; how a dictionary was built
-(QMoE's 2023 construction, or our Golomb-binarised parse trees) matters to encoders only.
+symbols. Readers only ever need the expansion tables below, stored as such (before 1.4)
+or derived from a compact form (`compact`, §5.7); how a dictionary was built (QMoE's 2023
+construction, or our Golomb-binarised parse trees) matters to encoders only.
 
 Each entry is stored as its length and the list of its nonzero symbols, not as a symbol
 string: entries are long (up to hundreds of zeros) but carry at most a handful of
@@ -14,6 +15,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 
+import numba as nb
 import numpy as np
 
 from ..errors import FormatError
@@ -38,6 +40,8 @@ class Dictionary:
     nnz: np.ndarray                # uint8  [S, 65536], nonzero symbols in the entry
     nz_pos: np.ndarray             # uint16 [S, 65536, K], their offsets in the entry
     nz_sym: np.ndarray             # uint8  [S, 65536, K], their symbols (1 = lo, 2 = hi)
+    form: str = "tables"           # how a store holds it: "tables" (§5.6), "tree" or "trie" (§5.7)
+    stored: dict | None = field(default=None, repr=False, compare=False)  # a compact form's arrays
     encoder: object = field(default=None, repr=False, compare=False)
     _runtime: object = field(default=None, repr=False, compare=False)
     _content_id: str | None = field(default=None, repr=False, compare=False)
@@ -117,19 +121,37 @@ class Dictionary:
     def tables(self) -> dict[str, np.ndarray]:
         return {name: getattr(self, name) for name, _ in TABLES}
 
+    def stored_arrays(self) -> dict[str, np.ndarray]:
+        """What a store holds of it, in the order the content id hashes them: the five
+        tables, or a compact form's arrays (§5.7) from which readers derive them."""
+        if self.form == "tables":
+            return {name: np.ascontiguousarray(getattr(self, name), dtype=dt)
+                    for name, dt in TABLES}
+        return self.stored
+
+    @property
+    def stored_nbytes(self) -> int:
+        """Bytes of its stored arrays: what holding it costs a store."""
+        return sum(a.nbytes for a in self.stored_arrays().values())
+
     @property
     def content_id(self) -> str:
-        """sha256 over the five tables' little-endian bytes, in spec order (computed once:
-        tables are not modified after construction)."""
+        """sha256 over the stored arrays' little-endian bytes, in spec order (computed
+        once: a dictionary is not modified after construction)."""
         if self._content_id is None:
-            h = hashlib.sha256()
-            for name, dt in TABLES:
-                h.update(np.ascontiguousarray(getattr(self, name), dtype=dt).tobytes())
-            self._content_id = "sha256:" + h.hexdigest()
+            self._content_id = stored_content_id(self.stored_arrays())
         return self._content_id
 
     def validate(self, where: str = "dictionary") -> None:
         validate_tables(self.tables(), where)
+
+
+def stored_content_id(stored: dict[str, np.ndarray]) -> str:
+    """`sha256:` and the hex SHA-256 of a dictionary's stored arrays, in spec order (§5.6)."""
+    h = hashlib.sha256()
+    for a in stored.values():
+        h.update(np.ascontiguousarray(a).tobytes())
+    return "sha256:" + h.hexdigest()
 
 
 def validate_tables(t: dict[str, np.ndarray], where: str) -> None:
@@ -157,38 +179,43 @@ def validate_tables(t: dict[str, np.ndarray], where: str) -> None:
     if not 1 <= k <= MAX_NNZ:
         raise FormatError(where, f"K = {k} nonzeros per entry, limit is 1..{MAX_NNZ}")
 
-    def first_bad(mask, what):
-        if mask.any():
-            st, cw = np.argwhere(mask)[0][:2]
-            raise FormatError(where, f"state {st} codeword {cw}: {what}")
-
-    first_bad(length == 0, "length is 0")
-    first_bad(nxt >= s, f"next_state >= {s} states")
-    first_bad(nnz > k, f"nnz > K = {k}")
-    slot = np.arange(k, dtype=np.int64)[None, None, :]
-    used = slot < nnz[:, :, None].astype(np.int64)
-    first_bad((used & (pos >= length[:, :, None])).any(axis=2), "nonzero offset >= length")
-    first_bad((used & ((sym < 1) | (sym > 2))).any(axis=2), "nonzero symbol not 1 or 2")
-    first_bad((~used & ((pos != 0) | (sym != 0))).any(axis=2), "padding slot not zero")
-    inc = (pos[:, :, 1:].astype(np.int64) <= pos[:, :, :-1]) & used[:, :, 1:]
-    first_bad(inc.any(axis=2), "nonzero offsets not strictly increasing")
+    first = _first_bad(np.ascontiguousarray(length), np.ascontiguousarray(nxt),
+                       np.ascontiguousarray(nnz), np.ascontiguousarray(pos),
+                       np.ascontiguousarray(sym), s)
+    for i, what in enumerate(("length is 0", f"next_state >= {s} states", f"nnz > K = {k}",
+                              "nonzero offset >= length", "nonzero symbol not 1 or 2",
+                              "padding slot not zero", "nonzero offsets not strictly increasing")):
+        if first[i] >= 0:
+            raise FormatError(where, f"state {first[i] // CODEWORDS} codeword "
+                                     f"{first[i] % CODEWORDS}: {what}")
 
 
-def tables_from_entries(n_states: int, entries) -> dict[str, np.ndarray]:
-    """Builds the five tables from entries[state][codeword] = (length, next_state, nz)
-    where nz is a sequence of (offset, symbol)."""
-    k = max(1, max(len(e[2]) for per_state in entries for e in per_state))
-    length = np.zeros((n_states, CODEWORDS), np.uint16)
-    nxt = np.zeros((n_states, CODEWORDS), np.uint8)
-    nnz = np.zeros((n_states, CODEWORDS), np.uint8)
-    pos = np.zeros((n_states, CODEWORDS, k), np.uint16)
-    sym = np.zeros((n_states, CODEWORDS, k), np.uint8)
-    for s in range(n_states):
-        for c, (ln, ns, nz) in enumerate(entries[s]):
-            length[s, c] = ln
-            nxt[s, c] = ns
-            nnz[s, c] = len(nz)
-            for i, (p, y) in enumerate(nz):
-                pos[s, c, i] = p
-                sym[s, c, i] = y
-    return dict(length=length, next_state=nxt, nnz=nnz, nz_pos=pos, nz_sym=sym)
+@nb.njit(cache=True)
+def _first_bad(length, nxt, nnz, pos, sym, s):
+    """One pass over the entries: for each of validate_tables' checks, in its order, the
+    first entry (state * 65536 + codeword) failing it, or -1. One pass, not one numpy
+    pass a check: loading a dictionary stays a few milliseconds (spec §5.7)."""
+    first = np.full(7, -1, np.int64)
+    k = pos.shape[2]
+    for st in range(length.shape[0]):
+        for c in range(length.shape[1]):
+            e = st * length.shape[1] + c
+            ln = length[st, c]
+            n = np.int64(nnz[st, c])
+            bad = (ln == 0, nxt[st, c] >= s, n > k)
+            for i in range(3):
+                if bad[i] and first[i] < 0:
+                    first[i] = e
+            for j in range(k):
+                p = pos[st, c, j]
+                y = sym[st, c, j]
+                if j < n:
+                    if p >= ln and first[3] < 0:
+                        first[3] = e
+                    if (y < 1 or y > 2) and first[4] < 0:
+                        first[4] = e
+                    if j > 0 and p <= pos[st, c, j - 1] and first[6] < 0:
+                        first[6] = e
+                elif (p != 0 or y != 0) and first[5] < 0:
+                    first[5] = e
+    return first

@@ -11,20 +11,13 @@ import json
 import re
 
 from ..errors import FormatError, LimitError
-from .constants import (ATTACHMENTS_SINCE, MAX_ATTACHMENT_BYTES, MAX_ATTACHMENT_NAME,
-                        MAX_ATTACHMENTS, version_tuple)
+from .constants import MAX_ATTACHMENT_BYTES, MAX_ATTACHMENT_NAME, MAX_ATTACHMENTS
 
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*\.json")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 # what a JSON document's top level is, by the Python type json.loads gives it
 _JSON_KINDS = {list: "an array", str: "a string", int: "a number", float: "a number",
                bool: "true or false", type(None): "null"}
-
-
-def lowest_version(version: str, attachments) -> str:
-    """The lowest format version defining what `version` defines and, if there are any,
-    attachments (spec §3): a store without them declares what it declared before 1.3."""
-    return max(version, ATTACHMENTS_SINCE, key=version_tuple) if attachments else version
 
 
 def check_name(name, where: str) -> str:

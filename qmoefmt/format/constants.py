@@ -8,8 +8,8 @@ import numpy as np
 
 # §3 versions: the newest this code reads and writes. A store declares the lowest version
 # defining every codec and member it uses, so readers of older minors still open it.
-FORMAT_VERSION = "1.3"
-FORMAT_MAJOR, FORMAT_MINOR = 1, 3
+FORMAT_VERSION = "1.4"
+FORMAT_MAJOR, FORMAT_MINOR = 1, 4
 
 # §2, §7, §12, §13 codec ids
 CODEC_TERNARY = "qmoe.ternary-dict16"
@@ -22,6 +22,10 @@ ATTACHMENTS_SINCE = "1.3"
 CONFIG = "config.json"
 GENERATION_CONFIG = "generation_config.json"
 ATTACHMENT_NAMES = (CONFIG, GENERATION_CONFIG)     # what pack records, when present
+
+# §4.4 the root's `source.metadata`: a safetensors source's `__metadata__`, since 1.4
+SOURCE_METADATA_SINCE = "1.4"
+MAX_SOURCE_METADATA_BYTES = 65536      # as canonical JSON (§9)
 
 # §2 node names
 TENSORS = "tensors"
@@ -56,6 +60,7 @@ MAX_STATES = 64
 MAX_NNZ = 32
 KIND_QMOE2023 = "qmoe-2023"      # §5.3
 KIND_GOLOMB = "golomb-v2f"       # §5.4
+COMPACT_DICTIONARIES_SINCE = "1.4"   # §5.7: dictionaries stored as trees/tries, not tables
 DICTIONARY_KINDS = (KIND_QMOE2023, KIND_GOLOMB)
 
 # §12 bit widths of the k-bit grids, and the ternary grid beside them (pack's --bits)
@@ -88,8 +93,9 @@ __all__ = [
     "CHECKSUM_PLACEHOLDER", "STORED_DTYPE", "FLOAT_DTYPES", "MAX_ROOT_METADATA",
     "MAX_NODE_METADATA", "MAX_RANK", "MAX_ELEMENTS", "MAX_TENSORS", "MAX_DICTIONARIES",
     "MAX_NAME_BYTES", "MAX_ATTACHMENTS", "MAX_ATTACHMENT_BYTES", "MAX_ATTACHMENT_NAME",
-    "ATTACHMENTS_SINCE", "CONFIG", "GENERATION_CONFIG", "ATTACHMENT_NAMES", "CODEWORDS",
-    "MAX_STATES", "MAX_NNZ", "KIND_QMOE2023", "KIND_GOLOMB",
+    "ATTACHMENTS_SINCE", "CONFIG", "GENERATION_CONFIG", "ATTACHMENT_NAMES",
+    "SOURCE_METADATA_SINCE", "MAX_SOURCE_METADATA_BYTES", "CODEWORDS",
+    "MAX_STATES", "MAX_NNZ", "KIND_QMOE2023", "KIND_GOLOMB", "COMPACT_DICTIONARIES_SINCE",
     "DICTIONARY_KINDS", "KBIT_BITS",
     "TERNARY", "GRIDS", "GPTQ_DAMP", "GPTQ_ACT_ORDER", "index_dtype", "version_tuple"
 ]

@@ -6,6 +6,7 @@ regenerate it and compare bytes; the root carries a CRC of itself (spec §4.4).
 from __future__ import annotations
 
 import json
+import math
 import re
 
 import crc32c as _crc32c
@@ -23,6 +24,41 @@ def dumps(obj) -> bytes:
     one trailing newline."""
     return (json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True,
                        allow_nan=False) + "\n").encode("ascii")
+
+
+def _members(pairs: list) -> dict:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set = set()
+        for key, _ in pairs:
+            if key in seen:
+                # a reader keeping the first of two members would see another store
+                raise ValueError(f"member {key!r} appears twice (spec §4.1)")
+            seen.add(key)
+    return obj
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not JSON (RFC 8259)")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:40]} is beyond binary64's range")
+    return value
+
+
+def loads(raw: bytes):
+    """A metadata document parsed strictly (spec §4.1): UTF-8, RFC 8259 (no NaN or
+    Infinity, which Python's json accepts), no member name twice in an object. Raises
+    ValueError saying what is wrong."""
+    try:
+        return json.loads(raw.decode("utf-8"), object_pairs_hook=_members,
+                          parse_constant=_no_constant, parse_float=_finite)
+    except RecursionError:
+        # the parser recurses per nesting level; its limit is the reader's (spec §9)
+        raise ValueError("nested too deeply for this reader") from None
 
 
 def np_dtype(data_type: str) -> np.dtype:
@@ -96,7 +132,7 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 
 
 # The writer's temporary files are `NAME.partial.PID` (§8): no node may look like one.
-_PARTIAL = re.compile(r"\.partial\.", re.IGNORECASE)
+_PARTIAL = re.compile(r"\.(?=partial\.)", re.IGNORECASE)     # overlapping runs too
 
 
 def tensor_paths(names) -> list[str]:
@@ -106,7 +142,7 @@ def tensor_paths(names) -> list[str]:
     used: set[str] = set()
     out = []
     for name in names:
-        base = _PARTIAL.sub("_partial.", _UNSAFE.sub("_", name))[:180] or "_"
+        base = _PARTIAL.sub("_", _UNSAFE.sub("_", name))[:180] or "_"
         if base.startswith("__") or set(base) == {"."} or base.lower() == ROOT_META:
             base = "t" + base
         path, n = base, 1
@@ -121,7 +157,7 @@ def dictionary_path(content_id: str) -> str:
     return f"{DICTIONARIES}/{content_id.replace(':', '-')}"
 
 __all__ = [
-    "crc32c", "dumps", "np_dtype", "chunk_shape", "chunk_key", "has_chunk", "array_doc",
+    "crc32c", "dumps", "loads", "np_dtype", "chunk_shape", "chunk_key", "has_chunk", "array_doc",
     "group_doc", "node_doc", "root_doc", "root_checksum_ok", "tensor_paths",
     "dictionary_path"
 ]

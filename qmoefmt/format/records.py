@@ -6,19 +6,41 @@ functions are their types.
 from __future__ import annotations
 
 import math
+import re
 
 from ..errors import FormatError, LimitError, VersionError
 from . import constants as C
 from .constants import MAX_ELEMENTS, MAX_NAME_BYTES, MAX_RANK
 
 
+# ASCII digits only: int() would also take "١" (ARABIC-INDIC ONE), which no other
+# language's reader reads as 1; no leading zeros, so that a version has one spelling
+_VERSION = re.compile(r"(0|[1-9][0-9]{0,8})\.(0|[1-9][0-9]{0,8})")
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+_HEX8 = re.compile(r"[0-9a-f]{8}")
+# §4.3: one node name that means the same on every file system and to every Zarr reader
+_SEGMENT = re.compile(r"[A-Za-z0-9._-]{1,255}")
+SOURCE_FORMATS = ("safetensors", "torch", "hdf5")
+
+# Every member the versions this code implements define (§4.4, §4.5, §14), for verify's
+# report of members a store of such a version must not have (§3); a codec adds its own.
+ROOT_MEMBERS = {"format_version", "complete", "checksum", "writer", "pack", "plan", "source",
+                "tensors", "dictionaries", "attachments"}
+OBJECT_MEMBERS = {"writer": {"name", "version"}, "plan": {"tensors", "sha256"},
+                  "source": {"format", "name", "metadata"}}
+RECORD_MEMBERS = {"name", "path", "shape", "dtype", "codec", "arrays", "source_sha256"}
+DESCRIPTOR_MEMBERS = {"data_type", "shape", "crc32c"}
+ATTACHMENT_MEMBERS = {"name", "size", "sha256", "text"}
+
+
 def check_version(version, where: str) -> None:
     if not isinstance(version, str):
         raise FormatError(where, f"format_version {version!r} is not a string")
-    try:
-        major, minor = (int(x) for x in str(version).split("."))
-    except ValueError:
-        raise FormatError(where, f"format_version {version!r} is not MAJOR.MINOR") from None
+    m = _VERSION.fullmatch(version)
+    if m is None:
+        raise FormatError(where, f"format_version {version!r} is not MAJOR.MINOR "
+                                 "(decimal ASCII digits, spec §3)")
+    major = int(m.group(1))
     if major != C.FORMAT_MAJOR:
         raise VersionError(where, f"format_version {version} has major {major}; this reader "
                                   f"reads major {C.FORMAT_MAJOR} only")
@@ -37,24 +59,84 @@ def check_shape(value, where: str, field: str) -> tuple[int, ...]:
     return tuple(value)
 
 
+def node_name_ok(seg) -> bool:
+    """A node name of the store (spec §4.3): 1-255 of `A-Z a-z 0-9 . _ -`, not only
+    periods, not starting with `__` (Zarr reserves both), neither the layout's own
+    `zarr.json` nor a writer's temporary `.partial.` name (ignoring case)."""
+    return (isinstance(seg, str) and _SEGMENT.fullmatch(seg) is not None and seg.strip(".") != ""
+            and not seg.startswith("__") and seg.lower() != C.ROOT_META
+            and ".partial." not in seg.lower())
+
+
 def check_node_path(path, group: str, where: str) -> None:
-    """`<group>/<one segment>`, the segment not empty, '.' or '..' (spec §4.3)."""
+    """`<group>/<one node name>` (spec §4.3)."""
     ok = isinstance(path, str) and path.startswith(group + "/")
-    seg = path[len(group) + 1:] if ok else ""
-    if not ok or not seg or "/" in seg or seg in (".", "..") or "\\" in seg:
-        raise FormatError(where, f"bad path {path!r}")
+    if not ok or not node_name_ok(path[len(group) + 1:]):
+        raise FormatError(where, f"bad path {path!r} (spec §4.3: {group}/ and one name of "
+                                 "A-Z a-z 0-9 . _ -)")
 
 
 def check_arrays_index(arrays, where: str) -> None:
     if not isinstance(arrays, dict) or not arrays:
         raise FormatError(where, "arrays missing")
     for name, desc in arrays.items():
-        if not isinstance(name, str) or not name or "/" in name or name in (".", ".."):
+        if not node_name_ok(name):
             raise FormatError(where, f"bad array name {name!r}")
         if (not isinstance(desc, dict) or not isinstance(desc.get("data_type"), str)
                 or not isinstance(desc.get("crc32c"), int) or isinstance(desc.get("crc32c"), bool)):
             raise FormatError(where, f"array {name!r}: malformed descriptor")
         check_shape(desc.get("shape"), f"{where}: array {name!r}", "shape")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _brief(v) -> str:
+    """A value for a one-line error, however large the document made it."""
+    text = repr(v)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _object(meta: dict, key: str, where: str, members: dict) -> None:
+    """meta[key] an object whose `members` (name -> (test, what it must be)) pass."""
+    obj = meta.get(key)
+    if not isinstance(obj, dict):
+        raise FormatError(where, f"{key} is not an object (spec §4.4)")
+    for name, (test, what) in members.items():
+        if not test(obj.get(name)):
+            raise FormatError(where, f"{key}.{name} {_brief(obj.get(name))} is not {what} (spec §4.4)")
+
+
+def _optional(test):
+    return lambda v: v is None or test(v)
+
+
+def _strings(v) -> bool:
+    return isinstance(v, list) and all(isinstance(x, str) for x in v)
+
+
+def root_members(meta: dict, where: str) -> None:
+    """The root's own members (spec §4.4) typed, before anything reads them; the index,
+    attachments and source metadata are checked by their own functions."""
+    if not isinstance(meta.get("complete"), bool):
+        raise FormatError(where, f"complete {_brief(meta.get('complete'))} is not true or false")
+    if not (isinstance(meta.get("checksum"), str) and _HEX8.fullmatch(meta["checksum"])):
+        raise FormatError(where, "checksum is not 8 lowercase hex digits")
+    text = (lambda v: isinstance(v, str), "a string")
+    _object(meta, "writer", where, {"name": text, "version": text})
+    # a writer's own record of its options, but for the two members readers use
+    # (from_pretrained selects the experts with them)
+    _object(meta, "pack", where, {"experts": (_optional(_strings), "an array of strings"),
+                                  "preset": (_optional(lambda v: isinstance(v, str)),
+                                             "a string or null")})
+    _object(meta, "plan", where, {
+        "tensors": (lambda v: _is_int(v) and v >= 0, "a non-negative integer"),
+        "sha256": (lambda v: isinstance(v, str) and _HEX64.fullmatch(v) is not None,
+                   "64 lowercase hex digits")})
+    _object(meta, "source", where, {
+        "format": (lambda v: v in SOURCE_FORMATS, f"one of {', '.join(SOURCE_FORMATS)}"),
+        "name": text})
 
 
 def tensor_record(r, i: int, where: str) -> str:
@@ -73,8 +155,13 @@ def tensor_record(r, i: int, where: str) -> str:
     if r["dtype"] not in C.STORED_DTYPE:
         raise FormatError(tw, f"unknown dtype {r['dtype']!r}")
     check_arrays_index(r.get("arrays"), tw)
+    sha = r.get("source_sha256")
+    if not (isinstance(sha, str) and _HEX64.fullmatch(sha)):
+        raise FormatError(tw, "source_sha256 is not 64 lowercase hex digits")
     if "dictionary" in r and not isinstance(r["dictionary"], str):
         raise FormatError(tw, "dictionary is not a string")
+    if "quantizer" in r and not isinstance(r["quantizer"], dict):
+        raise FormatError(tw, "quantizer is not an object")
     counts = r.get("symbol_counts")
     if counts is not None and not (isinstance(counts, list) and len(counts) == 3 and all(
             isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts)):
@@ -87,6 +174,11 @@ def dictionary_entry(e, i: int, where: str) -> str:
     dw = f"{where}: dictionaries[{i}]"
     if not isinstance(e, dict) or not isinstance(e.get("id"), str):
         raise FormatError(dw, "not a dictionary entry with a string id")
+    if not (e["id"].startswith("sha256:") and _HEX64.fullmatch(e["id"][7:])):
+        raise FormatError(dw, f"id {_brief(e['id'])} is not sha256: and 64 lowercase hex digits")
+    for key in ("n_states", "max_nnz"):
+        if not _is_int(e.get(key)):
+            raise FormatError(dw, f"{key} {_brief(e.get(key))} is not an integer")
     check_node_path(e.get("path"), C.DICTIONARIES, dw)
     check_arrays_index(e.get("arrays"), dw)
     if not isinstance(e.get("params", {}), dict) or not isinstance(e.get("kind", ""), str):

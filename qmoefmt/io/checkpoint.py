@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -198,8 +199,7 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     path = os.fspath(path)
     if os.path.isdir(path):
         return Checkpoint(path, "safetensors", _safetensors_dir_entries(path), _nothing)
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{path}: no such file or directory")
+    _check_regular(path)
     suffix = os.path.splitext(path)[1].lower()
     if suffix == ".safetensors":
         entries = sorted(_safetensors_file_entries(path), key=lambda e: e.name)
@@ -219,6 +219,25 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
 
 def _nothing() -> None:
     pass
+
+
+_KINDS = ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+          (stat.S_ISFIFO, "a named pipe"), (stat.S_ISSOCK, "a socket"),
+          (stat.S_ISDIR, "a directory"))
+
+
+def _check_regular(path: str) -> None:
+    """A regular file, before anything opens it: reading /dev/zero or a FIFO never ends."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such file or directory") from None
+    except (OSError, ValueError) as e:       # ValueError: a NUL in the path
+        raise CheckpointError(f"{path}: cannot be read: {getattr(e, 'strerror', None) or e}") from None
+    if not stat.S_ISREG(mode):
+        kind = next((what for test, what in _KINDS if test(mode)), "not a regular file")
+        raise CheckpointError(f"{path}: {kind}, not a regular file: a checkpoint is a file "
+                              "or a directory of safetensors files")
 
 
 # --- safetensors -------------------------------------------------------------------
@@ -249,7 +268,7 @@ def _indexed_shard_entries(directory: str, index_path: str) -> list[Entry]:
             isinstance(v, str) for v in weight_map.values()
         ):
             raise ValueError("weight_map is not a mapping of tensor name to file name")
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
         raise CheckpointError(f"{index_path}: invalid index: {type(e).__name__}: {e}") from e
     entries: list[Entry] = []
     for shard in sorted(set(weight_map.values())):
@@ -257,7 +276,7 @@ def _indexed_shard_entries(directory: str, index_path: str) -> list[Entry]:
         if os.path.basename(shard) != shard or shard in ("", ".", ".."):
             raise CheckpointError(f"{index_path}: shard {shard!r} is not a plain file name")
         shard_path = os.path.join(directory, shard)
-        if not os.path.isfile(shard_path):
+        if not os.path.lexists(shard_path):
             raise CheckpointError(f"{index_path}: shard {shard_path} does not exist")
         shard_entries = _safetensors_file_entries(shard_path)
         listed = {name for name, file in weight_map.items() if file == shard}
@@ -321,6 +340,7 @@ def _safetensors_file_entries(path: str) -> list[Entry]:
 
 
 def _read_safetensors_header(path: str) -> tuple[dict[str, Any], int]:
+    _check_regular(path)
     try:
         with open(path, "rb") as f:
             prefix = f.read(8)
@@ -338,6 +358,8 @@ def _read_safetensors_header(path: str) -> tuple[dict[str, Any], int]:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path}: corrupt safetensors header: {e}") from e
+    except RecursionError:
+        raise CheckpointError(f"{path}: corrupt safetensors header: nested too deeply") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: corrupt safetensors header: not a JSON object")
     return header, 8 + length
@@ -357,3 +379,22 @@ def _safetensors_loader(
         return array
 
     return load
+
+
+def safetensors_metadata(path: str | os.PathLike[str]) -> dict[str, str] | None:
+    """A safetensors checkpoint's `__metadata__` (of a shard directory: the one its shards
+    share), or None where there is none, or the shards disagree, or it is not the
+    string-to-string map the safetensors format defines."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        files = sorted({e.file for e in _safetensors_dir_entries(path)})
+    elif path.lower().endswith(".safetensors"):
+        files = [path]
+    else:
+        return None
+    found = [_read_safetensors_header(f)[0].get("__metadata__") for f in files]
+    first = found[0] if found else None
+    if not isinstance(first, dict) or any(m != first for m in found) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in first.items()):
+        return None
+    return first

@@ -3,6 +3,8 @@ The pages it maps count toward RSS as tensors are read (clean file pages the ker
 drop), and legacy non-zip files cannot be mapped at all, so they are loaded whole."""
 from __future__ import annotations
 
+import re
+import warnings
 import zipfile
 from collections.abc import Callable
 from typing import Any
@@ -17,8 +19,13 @@ def torch_entries(path: str) -> list[Entry]:
     torch = require_torch(f"{path}: reading a PyTorch checkpoint")
 
     try:
-        # mmap needs the zipfile format; legacy pickles are loaded into memory.
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+        with warnings.catch_warnings():
+            # torch's caution that its unpickler may lack a newer protocol's opcodes:
+            # what it cannot read is refused below, in one line, warning or not
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            # mmap needs the zipfile format; legacy pickles are loaded into memory.
+            obj = torch.load(path, map_location="cpu", weights_only=True,
+                             mmap=zipfile.is_zipfile(path))
     except Exception as e:  # weights_only refusals, corrupt archives, I/O errors
         problem = _torch_problem(e)
         raise CheckpointError(f"{path}: cannot load as a PyTorch state dict: {problem}") from e
@@ -37,15 +44,23 @@ def torch_entries(path: str) -> list[Entry]:
     return entries
 
 
+# torch's weights_only refusal is a page of advice around a one-line diagnosis; the
+# advice's wording moves between releases, so lines are recognised by what they talk about
+_ADVICE = re.compile(r"weights.only|torch\.load|file an issue|trusted source|pytorch\.org",
+                     re.IGNORECASE)
+
+
 def _torch_problem(error: Exception) -> str:
-    # torch's refusal is a page of advice that ends in "set weights_only=False", which is
-    # exactly what we must not do; keep only its one-line diagnosis.
-    marker = "WeightsUnpickler error: "
-    text = str(error)
-    if marker in text:
-        detail = text.split(marker, 1)[1].split(". ", 1)[0]
-        return f"refused by weights_only unpickling, nothing was executed: {detail}"
-    return f"{type(error).__name__}: {text}"
+    """One line: torch's diagnosis, never its advice to set weights_only=False, which is
+    exactly what must not be done with an untrusted file."""
+    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
+    detail = next((ln for ln in lines if not _ADVICE.search(ln)), "")
+    if len(detail) > 300:
+        detail = detail[:300] + "..."
+    if any(_ADVICE.search(ln) for ln in lines):
+        return ("refused by weights_only unpickling, nothing was executed: "
+                + (detail or "it holds objects other than tensors and containers"))
+    return f"{type(error).__name__}: {detail}" if detail else type(error).__name__
 
 
 def _find_state_dict(obj: object, path: str, tensor_type: type) -> dict[Any, Any]:

@@ -24,7 +24,7 @@ _SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 _SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*(|B|KB|MB|GB|TB|KIB|MIB|GIB|TIB)", re.IGNORECASE)
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-# transformers' loader checks the shards' metadata for this
+# transformers' default format check reads this; a store of a torch or HDF5 source has none
 DEFAULT_METADATA = {"format": "pt"}
 
 
@@ -59,7 +59,7 @@ def unpack(store: Store, output, progress=None, force: bool = False,
     {"output", "tensors", "files", "bytes"} (the bytes of the files written)."""
     path = os.fspath(output)
     entries = [Entry(t.name, t.value_dtype, list(t.shape)) for t in store.tensors()]
-    metadata = DEFAULT_METADATA
+    metadata = store.source_metadata or DEFAULT_METADATA
     if max_shard_size is None:
         _check_file_output(path, force)
         _write_file(store, path, entries, metadata, progress)

@@ -18,7 +18,7 @@ class PackError(QmoeError):
 class PackOptions:
     experts: tuple[str, ...] = ()
     preset: str | None = None
-    dictionary: str = "auto"          # "auto" (golomb-v2f, fitted per tensor) | "qmoe-2023"
+    dictionary: str = "auto"          # "auto" (the cheapest counting its bytes) | "qmoe-2023"
     method: str = "rtn"
     bits: str = C.TERNARY             # "ternary" | "2" | "3" | "4"
     group_size: int | None = None     # k-bit only: scale/zero per this many columns
@@ -78,7 +78,8 @@ class PackOptions:
 
     @property
     def format_version(self) -> str:
-        """The version the pack may need; the finished store declares what it used."""
-        if self.bits == C.TERNARY:
-            return codecs.get(C.CODEC_TERNARY).since
-        return codecs.get(C.CODEC_UINT if self.kbit_codec == "packed" else C.CODEC_UINT_DICT).since
+        """The version the pack may need; the finished store declares what it used. Every
+        dictionary it writes is compact (§5.7)."""
+        if self.bits != C.TERNARY and self.kbit_codec == "packed":
+            return codecs.get(C.CODEC_UINT).since
+        return C.COMPACT_DICTIONARIES_SINCE

@@ -13,9 +13,10 @@ from .._version import __version__
 from ..format import constants as C
 from ..format import metadata as M
 from ..errors import QmoeError
-from ..format.attachments import lowest_version
 from ..format.records import check_shape
+from ..format.source import check_metadata, lowest_version
 from ..io.attachments import source_attachments
+from ..io.checkpoint import safetensors_metadata
 from ..selection import ExpertSelector
 from .options import PackError, PackOptions
 
@@ -117,16 +118,26 @@ class Plan:
             [[s.name, list(s.shape), s.dtype] for s in sources])).hexdigest()
         attachments = source_attachments(input_path)
         meta = {
-            "format_version": lowest_version(options.format_version, attachments),
             "writer": {"name": "qmoefmt", "version": __version__},
             "pack": recorded_options(options),
             "plan": {"tensors": len(sources), "sha256": digest},
-            "source": {"format": ckpt.format, "name": os.path.basename(os.path.normpath(input_path))},
+            "source": source_member(ckpt, input_path),
         }
         if attachments:     # absent, not empty: a store without any keeps its pre-1.3 bytes
             meta["attachments"] = attachments
+        meta["format_version"] = lowest_version(options.format_version, meta)
         return cls(sources, M.tensor_paths([s.name for s in sources]), experts,
                    [int(n) for n in left], meta, skipped)
+
+
+def source_member(ckpt, input_path) -> dict:
+    """The root's `source`: its format, file name and, where it has one, the safetensors
+    `__metadata__` that `unpack` writes back (absent, not empty, where there is none)."""
+    source = {"format": ckpt.format, "name": os.path.basename(os.path.normpath(input_path))}
+    metadata = safetensors_metadata(input_path) if ckpt.format == "safetensors" else None
+    if metadata is not None:
+        source["metadata"] = check_metadata(metadata, os.fspath(input_path))
+    return source
 
 
 def recorded_options(options: PackOptions) -> dict:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import codecs
-from ..dictionaries import golomb
+from ..dictionaries import choice
 from ..dictionaries.golomb import build_golomb
 from ..dictionaries.qmoe2023 import build_qmoe2023
 from ..dictionaries.tables import Dictionary
@@ -109,16 +109,18 @@ def quantize(name: str, loaded: Loaded, options: PackOptions, calibration=None,
                      counts=counts)
 
 
-def choose_dictionary(options: PackOptions, counts: np.ndarray, held: dict) -> Dictionary:
-    """The dictionary for symbols with these counts: qmoe-2023 if asked, else the
-    golomb-v2f ladder point fitted to their sparsity, or one the store holds (`held`:
-    content id -> index entry) when that costs under 1%."""
+def choose_dictionary(options: PackOptions, counts: np.ndarray, held: dict,
+                      weights_left: int) -> Dictionary:
+    """The dictionary for symbols with these counts: qmoe-2023 if asked, else the one
+    that codes the `weights_left` expert weights still to pack in the fewest bytes,
+    counting the bytes of a dictionary the store does not hold yet (`held`: content id ->
+    index entry, in the order the store took them)."""
     if options.dictionary == C.KIND_QMOE2023:
         return build_qmoe2023()
-    total = int(counts.sum())
-    p0 = counts[0] / total if total else 0.885
-    held_p0 = [e["params"]["p_zero"] for e in held.values() if e["kind"] == C.KIND_GOLOMB]
-    return build_golomb(golomb.choose(float(p0), held_p0))
+    held_kinds = [(e["kind"], e["params"]["p_zero"] if e["kind"] == C.KIND_GOLOMB else None)
+                  for e in held.values()]
+    kind, p_zero = choice.choose(counts, held_kinds, weights_left)
+    return build_qmoe2023() if kind == C.KIND_QMOE2023 else build_golomb(p_zero)
 
 
 def prepare(path: str, name: str, loaded: Loaded, dtype: str, expert: bool,
@@ -134,7 +136,7 @@ def prepare(path: str, name: str, loaded: Loaded, dtype: str, expert: bool,
     q = quantize(name, loaded, options, calibration, gptq_result)
     if q.levels is not None:
         return encode_kbit(record, q, options, held, params_left)
-    d = choose_dictionary(options, q.counts, held)
+    d = choose_dictionary(options, q.counts, held, params_left)
     members, arrays = TERNARY.encode(q.symbols, q.scales, q.counts, d)
     return Prepared({**record, **members, "dictionary": d.content_id, "quantizer": q.quantizer},
                     arrays, d)
@@ -164,13 +166,13 @@ def encode_kbit(record: dict, q: Quantized, options: PackOptions, held: dict,
                 0, rows, cols, int(np.count_nonzero(np.abs(steps) >= 2))) < packed_bytes):
         parts = uint_dict16.split(levels, zeros, size, steps)
         counts = np.bincount(parts[0].reshape(-1), minlength=3)[:3].astype(np.int64)
-        d = choose_dictionary(options, counts, held)
+        d = choose_dictionary(options, counts, held, params_left)
         members, arrays = UINT_DICT.encode(parts, counts, d, scales, zeros)
         coded = sum(arrays[a][0].nbytes for a in ("codes", "row_codes", "row_escapes",
                                                   "escape_cols", "escape_levels"))
         saving = packed_bytes - coded
         if d.content_id not in held and levels.size:
-            saving = saving * params_left / levels.size - sum(t.nbytes for t in d.tables().values())
+            saving = saving * params_left / levels.size - d.stored_nbytes
         if options.kbit_codec == "dict16" or saving > 0:
             return Prepared({**record, **members, "dictionary": d.content_id}, arrays, d)
     members, arrays = UINT.encode(levels, bits, scales, zeros)

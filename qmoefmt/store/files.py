@@ -4,8 +4,8 @@ never codecs.
 """
 from __future__ import annotations
 
-import json
 import math
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -20,19 +20,24 @@ from ..format.records import check_shape, check_version
 def read_metadata(path: Path, limit: int, missing: str = "missing") -> bytes:
     """A metadata file's bytes, its size checked against `limit` before it is read."""
     try:
-        size = path.stat().st_size
-    except OSError:
+        st = path.stat()
+    except (OSError, ValueError):       # ValueError: a NUL in the path
         raise FormatError(str(path), missing) from None
-    if size > limit:
-        raise LimitError(str(path), f"{size} bytes of metadata, limit is {limit}")
-    return path.read_bytes()
+    if not stat.S_ISREG(st.st_mode):
+        raise FormatError(str(path), "not a regular file")
+    if st.st_size > limit:
+        raise LimitError(str(path), f"{st.st_size} bytes of metadata, limit is {limit}")
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise FormatError(str(path), f"cannot be read ({e.strerror or e})") from None
 
 
 def load_json(path: Path, limit: int = MAX_NODE_METADATA):
     raw = read_metadata(path, limit)
     try:
-        return json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as e:
+        return M.loads(raw)
+    except ValueError as e:
         raise FormatError(str(path), f"not valid JSON ({e})") from None
 
 
@@ -50,9 +55,12 @@ def read_root(root: Path) -> dict:
     if not ok:
         raise FormatError(str(path), "checksum mismatch: the root metadata was modified or damaged")
     try:
-        doc = json.loads(raw)
+        doc = M.loads(raw)
+    except ValueError as e:
+        raise FormatError(str(path), f"not a qmoefmt root group: not valid JSON ({e})") from None
+    try:
         meta = doc["attributes"]["qmoefmt"]
-    except (ValueError, KeyError, TypeError):
+    except (KeyError, TypeError):
         raise FormatError(str(path), "not a qmoefmt root group") from None
     if not isinstance(meta, dict):
         raise FormatError(str(path), "attributes.qmoefmt is not an object")

@@ -13,12 +13,15 @@ from pathlib import Path
 import numpy as np
 
 from .. import codecs
-from ..dictionaries.tables import CODEWORDS, TABLES, Dictionary, validate_tables
+from ..dictionaries import compact
+from ..dictionaries.tables import (CODEWORDS, TABLES, Dictionary, stored_content_id,
+                                   validate_tables)
 from ..errors import FormatError, IncompleteStoreError, LimitError, NotApplicableError
 from ..format import attachments as attachments_
 from ..format import constants as C
 from ..format import metadata as M
 from ..format import records as records_
+from ..format import source as source_
 from ..format.constants import MAX_DICTIONARIES, MAX_TENSORS
 from .files import check_array_file, file_size, load_json, read_root
 
@@ -26,8 +29,9 @@ from .files import check_array_file, file_size, load_json, read_root
 
 
 class Tensor:
-    """One stored tensor. `decode()` gives float32 weights (dequantized for coded
-    tensors), `symbols()` the ternary symbols (0 = zero, 1 = lo, 2 = hi) or k-bit levels."""
+    """One stored tensor. `decode()` gives its values (float32, dequantized for coded
+    tensors; integer and bool tensors in their own dtype), `symbols()` the ternary symbols
+    (0 = zero, 1 = lo, 2 = hi) or k-bit levels."""
 
     def __init__(self, store: "Store", record: dict, codec: codecs.Codec):
         self._store = store
@@ -139,7 +143,8 @@ class Tensor:
 
     def decode(self, check_crc: bool = True, backend: str | None = None,
                rows: slice | None = None) -> np.ndarray:
-        """float32 weights of the tensor's shape, dequantized; `backend` names the decode
+        """The values in the tensor's shape: float32 (dequantized for coded tensors), but
+        dense integer and bool tensors in their own dtype (spec §7); `backend` names the decode
         backend (`qmoefmt.backends`; None: Numba on the CPU). `rows=slice(a, b)` decodes
         rows a..b-1 of the [prod(shape[:-1]), cols] view only (rows are independent, like
         safetensors' get_slice), as a [b - a, cols] array."""
@@ -172,6 +177,7 @@ class Store:
     def __init__(self, path, allow_incomplete: bool = False):
         self.path = Path(path)
         self.meta = read_root(self.path)
+        records_.root_members(self.meta, str(self.path / C.ROOT_META))
         self.format_version: str = self.meta["format_version"]
         self.complete: bool = self.meta.get("complete") is True
         if not self.complete:
@@ -191,9 +197,15 @@ class Store:
             raise LimitError(where, f"{len(dicts)} dictionaries, limit is {MAX_DICTIONARIES}")
         self._dict_entries = {}
         for i, e in enumerate(dicts):
-            self._dict_entries[records_.dictionary_entry(e, i, where)] = e
+            cid = records_.dictionary_entry(e, i, where)
+            if cid in self._dict_entries:
+                raise FormatError(where, f"dictionary {cid!r} listed twice")
+            self._dict_entries[cid] = e
         self._dicts: dict[str, Dictionary] = {}
         self._attachments = attachments_.check_entries(self.meta.get("attachments"), where)
+        src = self.meta.get("source")
+        self._source_metadata = source_.check_metadata(
+            src.get("metadata") if isinstance(src, dict) else None, where)
 
     def _scan_finished(self) -> list[dict]:
         """An incomplete store's finished tensors: those whose group metadata exists."""
@@ -201,12 +213,11 @@ class Store:
         tdir = self.path / C.TENSORS
         for doc in sorted(tdir.glob("*/zarr.json")) if tdir.is_dir() else []:
             try:
-                out.append(load_json(doc)["attributes"]["qmoefmt"])
-            except (FormatError, KeyError, TypeError):
+                out.append(_node_record(doc))
+            except FormatError:
                 continue
         dict_docs = sorted((self.path / C.DICTIONARIES).glob("*/zarr.json"))
-        self.meta = dict(self.meta, dictionaries=[
-            load_json(p)["attributes"]["qmoefmt"] for p in dict_docs])
+        self.meta = dict(self.meta, dictionaries=[_node_record(p) for p in dict_docs])
         return out
 
     def _index(self, records) -> dict[str, dict]:
@@ -218,13 +229,16 @@ class Store:
         if len(records) > MAX_TENSORS:
             raise LimitError(where, f"{len(records)} tensors, limit is {MAX_TENSORS}")
         out: dict[str, dict] = {}
+        paths: set[str] = set()
         for i, r in enumerate(records):
             name = records_.tensor_record(r, i, where)
-            if codecs.get(r["codec"]) is None:
-                # namespaced codec ids: a newer minor may add codecs; only that tensor is unreadable
-                r = dict(r, unknown_codec=True)
             if name in out:
                 raise FormatError(where, f"tensor {name!r} listed twice")
+            # case-insensitive file systems would give two such tensors one directory
+            if r["path"].lower() in paths:
+                raise FormatError(where, f"tensor {name!r}: path {r['path']!r} is another "
+                                         "tensor's (ignoring case, spec §4.3)")
+            paths.add(r["path"].lower())
             out[name] = r
         return out
 
@@ -241,8 +255,8 @@ class Store:
         return list(self._records)
 
     def record(self, name: str) -> dict:
-        """A tensor's index record as validated (an unknown codec is flagged
-        `unknown_codec`), for tools that check records without decoding."""
+        """A tensor's index record as validated (its codec possibly unknown to this
+        reader), for tools that check records without decoding."""
         return self._records[name]
 
     @property
@@ -254,6 +268,11 @@ class Store:
     def attachments(self) -> list[str]:
         """The names of the files the store carries from its source checkpoint (§14)."""
         return list(self._attachments)
+
+    @property
+    def source_metadata(self) -> dict[str, str] | None:
+        """The source safetensors file's `__metadata__`, when the store recorded it (§4.4)."""
+        return None if self._source_metadata is None else dict(self._source_metadata)
 
     @property
     def attachment_entries(self) -> dict[str, dict]:
@@ -282,11 +301,17 @@ class Store:
 
     def __getitem__(self, name: str) -> Tensor:
         r = self._records[name]
-        if r.get("unknown_codec"):
+        unit = codecs.get(r["codec"])
+        if unit is None:
+            # namespaced codec ids: a newer minor may add codecs; only that tensor is unreadable
             raise FormatError(f"{self.path}/{r['path']}",
                               f"codec {r.get('codec')!r} is unknown to this reader "
                               f"(format {C.FORMAT_VERSION})")
-        return Tensor(self, r, codecs.get(r["codec"]))
+        missing = [m for m in unit.members if m not in r]
+        if missing:
+            raise FormatError(f"{self.path}/{r['path']}", f"tensor {name!r}: member "
+                              f"{missing[0]!r} missing, which codec {unit.id} requires (spec §4.5)")
+        return Tensor(self, r, unit)
 
     def tensors(self):
         for name in self._records:
@@ -299,26 +324,75 @@ class Store:
         if entry is None:
             raise FormatError(str(self.path / C.ROOT_META),
                               f"tensor {tensor!r} references unknown dictionary {cid!r}")
-        node = entry.get("path")
-        where = f"{self.path}/{node}"
-        if node != M.dictionary_path(str(cid)):
-            raise FormatError(where, f"dictionary {cid!r} has path {node!r}")
-        arrays = entry.get("arrays")
-        tables = {}
-        for name, np_dt in TABLES:
-            dt = str(np_dt.newbyteorder("="))
-            if not isinstance(arrays, dict) or name not in arrays:
-                raise FormatError(where, f"array {name!r} missing from the index")
-            arr = check_array_file(self.path, f"{node}/{name}", arrays[name], True, dt)
-            if arr.size > MAX_DICTIONARIES * CODEWORDS * 64 * 32:
-                raise LimitError(where, f"{name} too large")
-            tables[name] = np.ascontiguousarray(arr)
-        validate_tables(tables, where)
-        d = Dictionary(kind=str(entry.get("kind")), params=entry.get("params") or {}, **tables)
-        if d.content_id != cid:
-            raise FormatError(where, f"content hash {d.content_id} does not match its id {cid}")
+        d = read_dictionary(self.path, str(cid), entry)
         self._dicts[cid] = d
         return d
+
+
+def read_dictionary(root: Path, cid: str, entry: dict) -> Dictionary:
+    """A dictionary entry's stored arrays read, checked against its content id and, for a
+    compact form, derived into tables (§5.7); the tables validated (§5.6)."""
+    node = entry.get("path")
+    where = f"{root}/{node}"
+    if node != M.dictionary_path(str(cid)):
+        raise FormatError(where, f"dictionary {cid!r} has path {node!r}")
+    form = entry.get("form", compact.TABLES_FORM)
+    if form == compact.TABLES_FORM:
+        specs = [(name, dt, None) for name, dt in TABLES]
+    elif isinstance(form, str) and form in compact.COMPACT_KIND:
+        n_states, max_nnz = (_count(entry, key, limit, where) for key, limit in
+                             (("n_states", C.MAX_STATES), ("max_nnz", C.MAX_NNZ)))
+        if entry.get("kind") != compact.COMPACT_KIND[form]:
+            raise FormatError(where, f"form {form!r} is for kind "
+                                     f"{compact.COMPACT_KIND[form]!r}, not {entry.get('kind')!r}")
+        k = (entry.get("params") or {}).get("k") if isinstance(entry.get("params"), dict) else None
+        if form == compact.TREE_FORM and k != n_states - 2:
+            raise FormatError(where, f"params.k {k!r} is not n_states - 2 = {n_states - 2} "
+                                     "(spec §5.7.1)")
+        specs = compact.arrays(form, n_states)
+    else:
+        raise FormatError(where, f"dictionary form {form!r} is unknown to this reader "
+                                 f"(format {C.FORMAT_VERSION})")
+    arrays = entry.get("arrays")
+    stored = {}
+    for name, np_dt, shape in specs:
+        dt = str(np_dt.newbyteorder("="))
+        if not isinstance(arrays, dict) or name not in arrays:
+            raise FormatError(where, f"array {name!r} missing from the index")
+        arr = check_array_file(root, f"{node}/{name}", arrays[name], True, dt, shape)
+        if arr.size > MAX_DICTIONARIES * CODEWORDS * 64 * 32:
+            raise LimitError(where, f"{name} too large")
+        stored[name] = np.ascontiguousarray(arr)
+    content_id = stored_content_id(stored)
+    if content_id != cid:
+        raise FormatError(where, f"content hash {content_id} does not match its id {cid}")
+    if form == compact.TABLES_FORM:
+        tables, stored = stored, None
+    else:
+        # Derived by integers alone (§5.7), then validated as stored tables are.
+        tables, problem = compact.derive(form, stored, n_states, max_nnz)
+        if problem is not None:
+            raise FormatError(where, f"{form}: {problem}")
+    validate_tables(tables, where)
+    d = Dictionary(kind=str(entry.get("kind")), params=entry.get("params") or {},
+                   form=form, stored=stored, _content_id=content_id, **tables)
+    return d
+
+
+def _count(entry: dict, key: str, limit: int, where: str) -> int:
+    """A dictionary entry's S or K, which sizes what a compact form derives (§9)."""
+    v = entry.get(key)
+    if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= limit:
+        raise FormatError(where, f"{key} {v!r} is not an integer 1..{limit}")
+    return v
+
+
+def _node_record(doc: Path) -> dict:
+    """attributes.qmoefmt of a tensor's or dictionary's group document."""
+    try:
+        return load_json(doc)["attributes"]["qmoefmt"]
+    except (KeyError, TypeError):
+        raise FormatError(str(doc), "not a qmoefmt group (no attributes.qmoefmt)") from None
 
 
 def open(path, allow_incomplete: bool = False) -> Store:  # noqa: A001 - the public API name

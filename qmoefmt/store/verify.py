@@ -1,10 +1,11 @@
 """verify: is a store sound and complete? Every problem comes back as (where, what).
 
-Shallow: the root's self-checksum and version, every other zarr.json against the bytes
-the index implies, every chunk's size and CRC32C, no unexpected files, every dictionary
-valid and matching its content hash, every record consistent, every attachment a JSON
-object matching its hash. Deep (`deep=True`) also
-decodes every coded tensor, checks the row invariants, the scales, the symbol counts, and
+Shallow: the root's self-checksum, version, canonical form and members, every other
+zarr.json against the bytes the index implies, every chunk's size and CRC32C, no
+unexpected files, every dictionary valid and matching its content hash, every record
+consistent, the scales, k-bit zero points, padding and escapes, bool data, every
+attachment a JSON object matching its hash. Deep (`deep=True`) also
+decodes every coded tensor, checks the row invariants, the symbol counts, and
 that re-encoding gives the stored codewords (the stream is canonical).
 """
 from __future__ import annotations
@@ -12,12 +13,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import codecs
+from .. import codecs, dictionaries
 from ..errors import FormatError, IncompleteStoreError, QmoeError
 from ..format import constants as C
 from ..format import metadata as M
-from ..format.attachments import lowest_version
-from .files import check_array_file
+from ..format import records as R
+from ..format.source import lowest_version
+from .files import check_array_file, read_metadata
 from .reader import Store
 
 
@@ -32,9 +34,9 @@ class Problem:
 
 def _expect_bytes(path: Path, expected: bytes, problems: list, what: str) -> None:
     try:
-        actual = path.read_bytes()
-    except FileNotFoundError:
-        problems.append(Problem(str(path), "missing"))
+        actual = read_metadata(path, C.MAX_NODE_METADATA)
+    except FormatError as e:
+        problems.append(Problem(e.where, e.what))
         return
     if actual != expected:
         problems.append(Problem(str(path), f"{what} differs from what the index implies "
@@ -69,12 +71,18 @@ def _wrong_version(declared: str, needed: str) -> bool:
 
 
 def _check_version(store: Store, used: set) -> list[Problem]:
-    needed = lowest_version(codecs.lowest_version(used), store.attachments)
+    entries = list(store.dictionary_entries.values())
+    needed = lowest_version(max(codecs.lowest_version(used), dictionaries.lowest_version(entries),
+                                key=C.version_tuple), store.meta)
     if not _wrong_version(store.format_version, needed):
         return []
     what = f"the codecs used ({', '.join(sorted(used))})"
+    if dictionaries.lowest_version(entries) != "1.0":
+        what += " and compact dictionaries (§5.7)"
     if store.attachments:
         what += " and attachments (§14)"
+    if store.source_metadata is not None:
+        what += " and source.metadata (§4.4)"
     return [Problem(str(store.path / C.ROOT_META),
                     f"format_version {store.format_version} is not {needed}, the lowest "
                     f"defining {what}, spec §3")]
@@ -95,6 +103,57 @@ def _check_attachments(store: Store) -> list[Problem]:
     return problems
 
 
+def _check_root_form(store: Store) -> list[Problem]:
+    """The root's bytes are the canonical document of what it holds (spec §4.1): its
+    checksum covers bytes only, so a root re-signed with reordered members, other escapes
+    or other number spellings passes that check, and only this comparison sees them."""
+    path = store.path / C.ROOT_META
+    try:
+        raw = read_metadata(path, C.MAX_ROOT_METADATA)
+        want = M.root_doc(store.meta)
+    except FormatError as e:
+        return [Problem(e.where, e.what)]
+    except RecursionError:
+        return [Problem(str(path), "nested too deeply to be written canonically (spec §4.1)")]
+    if raw == want:
+        return []
+    at = next((i for i, (a, b) in enumerate(zip(raw, want)) if a != b), min(len(raw), len(want)))
+    return [Problem(str(path), f"not canonical JSON (spec §4.1): from byte {at} it reads "
+                               f"{raw[at:at + 24]!r} where the canonical form has "
+                               f"{want[at:at + 24]!r}")]
+
+
+def _unknown(obj, known, where: str, what: str) -> list[Problem]:
+    extra = sorted(set(obj) - known) if isinstance(obj, dict) else []
+    return [Problem(where, f"{what}member {m!r} is not defined by the store's format_version "
+                           "(spec §3)") for m in extra]
+
+
+def _check_members(store: Store) -> list[Problem]:
+    """Members no version up to the store's own defines. Readers ignore them (a newer
+    minor may add members), but a store of a version this code implements cannot have
+    any: a writer's mistake, or data hidden from readers."""
+    if C.version_tuple(store.format_version) > (C.FORMAT_MAJOR, C.FORMAT_MINOR):
+        return []
+    where = str(store.path / C.ROOT_META)
+    meta = store.meta
+    problems = _unknown(meta, R.ROOT_MEMBERS, where, "")
+    for key, known in R.OBJECT_MEMBERS.items():
+        problems += _unknown(meta.get(key), known, where, f"{key}: ")
+    for name in store:
+        r = store.record(name)
+        unit = codecs.get(r["codec"])
+        if unit is None:
+            continue
+        tw = f"{store.path}/{r['path']}"
+        problems += _unknown(r, R.RECORD_MEMBERS | set(unit.members), tw, f"tensor {name!r}: ")
+        for a, desc in r["arrays"].items():
+            problems += _unknown(desc, R.DESCRIPTOR_MEMBERS, f"{tw}/{a}", "array descriptor: ")
+    for name, e in store.attachment_entries.items():
+        problems += _unknown(e, R.ATTACHMENT_MEMBERS, where, f"attachment {name!r}: ")
+    return problems
+
+
 def verify(path, deep: bool = False, progress=None, on_open=None) -> list[Problem]:
     """`on_open(n_tensors)` is called once the root is read (the CLI sizes its progress
     bar with it); `progress(1)` after each tensor."""
@@ -112,6 +171,8 @@ def verify(path, deep: bool = False, progress=None, on_open=None) -> list[Proble
     used = {store.record(n)["codec"] for n in store}
     if all(codecs.get(c) for c in used):
         problems.extend(_check_version(store, used))
+    problems.extend(_check_root_form(store))
+    problems.extend(_check_members(store))
     problems.extend(_check_attachments(store))
 
     expected_files = {root / C.ROOT_META}
@@ -154,9 +215,12 @@ def verify(path, deep: bool = False, progress=None, on_open=None) -> list[Proble
 def _check_record(store: Store, name: str, deep: bool) -> list[Problem]:
     r = store.record(name)
     where = f"{store.path}/{r['path']}"
-    if r.get("unknown_codec"):
+    if codecs.get(r["codec"]) is None:
         return [Problem(where, f"tensor {name!r}: unknown codec {r.get('codec')!r}")]
-    t = store[name]
+    try:
+        t = store[name]
+    except FormatError as e:
+        return [Problem(e.where, e.what)]
     want = set(t.unit.arrays)
     if set(r["arrays"]) != want:
         return [Problem(where, f"tensor {name!r}: arrays {sorted(r['arrays'])}, expected {sorted(want)}")]

@@ -15,12 +15,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import codecs
+from .. import codecs, dictionaries
 from ..dictionaries.tables import Dictionary
 from ..errors import QmoeError
 from ..format import constants as C
 from ..format import metadata as M
-from ..format.attachments import lowest_version
+from ..format.source import lowest_version
 from .files import check_array_file, load_json, read_root
 
 
@@ -185,8 +185,10 @@ class StoreWriter:
         node = M.dictionary_path(cid)
         entry = {"id": cid, "path": node, "kind": d.kind, "params": d.params,
                  "n_states": d.n_states, "max_nnz": d.max_nnz}
+        if d.form != "tables":      # absent, the 1.0 form: such entries keep their bytes
+            entry["form"] = d.form
         entry["arrays"] = {name: write_array(self.root, f"{node}/{name}", a)
-                           for name, a in d.tables().items()}
+                           for name, a in d.stored_arrays().items()}
         _write_file(self.root / node / "zarr.json", M.node_doc(entry))
         self.dictionaries[cid] = entry
         return cid
@@ -208,11 +210,12 @@ class StoreWriter:
     def commit(self, records: list[dict]) -> None:
         used = {r["dictionary"] for r in records if "dictionary" in r}
         # The incomplete root declared the newest version the pack might need; the final
-        # one declares the lowest its codecs and attachments need (spec §3).
-        version = lowest_version(codecs.lowest_version({r["codec"] for r in records}),
-                                 self.meta.get("attachments"))
-        meta = dict(self.meta, complete=True, format_version=version,
-                    dictionaries=[self.dictionaries[c] for c in sorted(used)],
+        # one declares the lowest its codecs and root members need (spec §3).
+        entries = [self.dictionaries[c] for c in sorted(used)]
+        version = lowest_version(max(codecs.lowest_version({r["codec"] for r in records}),
+                                     dictionaries.lowest_version(entries), key=C.version_tuple),
+                                 self.meta)
+        meta = dict(self.meta, complete=True, format_version=version, dictionaries=entries,
                     tensors=records)
         os.sync()   # every array and group durable before the marker says complete
         _write_file(self.root / C.ROOT_META, M.root_doc(meta), durable=True)

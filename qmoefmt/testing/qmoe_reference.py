@@ -126,12 +126,29 @@ def reference_tables() -> dict[str, np.ndarray]:
             "nnz": nnz, "nz_pos": pos, "nz_sym": sym}
 
 
-def reference_content_id() -> str:
+@lru_cache(maxsize=1)
+def reference_trie_arrays() -> dict[str, np.ndarray]:
+    """The reference dictionary as a 1.4 store holds it (spec §5.7.2): per codeword, the
+    codeword of its sequence less the last pair (itself for one pair), and that pair."""
+    seqs = reference_sequences()
+    index = {tuple(seq): c for c, seq in enumerate(seqs)}
+    prefix = [c if len(seq) == 1 else index[tuple(seq[:-1])] for c, seq in enumerate(seqs)]
+    return {"prefix": np.array(prefix, np.uint16),
+            "pair": np.array([seq[-1] for seq in seqs], np.uint8)}
+
+
+def reference_content_id(form: str = "tables") -> str:
+    """The content id (spec §5.6) of the reference dictionary stored as the five tables
+    or, since 1.4, as its trie."""
     h = hashlib.sha256()
-    t = reference_tables()
-    for name, dt in (("length", "<u2"), ("next_state", "u1"), ("nnz", "u1"),
-                     ("nz_pos", "<u2"), ("nz_sym", "u1")):
-        h.update(np.ascontiguousarray(t[name], dtype=dt).tobytes())
+    if form == "trie":
+        arrays = [(reference_trie_arrays()[n], dt) for n, dt in (("prefix", "<u2"), ("pair", "u1"))]
+    else:
+        t = reference_tables()
+        arrays = [(t[n], dt) for n, dt in (("length", "<u2"), ("next_state", "u1"), ("nnz", "u1"),
+                                             ("nz_pos", "<u2"), ("nz_sym", "u1"))]
+    for a, dt in arrays:
+        h.update(np.ascontiguousarray(a, dtype=dt).tobytes())
     return "sha256:" + h.hexdigest()
 
 

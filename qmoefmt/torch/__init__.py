@@ -3,7 +3,8 @@ compressed arrays (`Tensor.matmul`), never held dense.
 
 `CompressedLinear` stands in for an `nn.Linear`, `CompressedExperts` for a transformers 5
 fused experts module, and `load_model` puts them into a model and loads the rest dense.
-CPU only for now: the GPU kernels plug in here when a CUDA decode backend exists.
+A module runs on its input's device: the Numba kernels for CPU tensors, the CUDA kernels
+(`qmoefmt[gpu]`, qmoefmt.backends.cuda) for CUDA tensors.
 """
 from __future__ import annotations
 

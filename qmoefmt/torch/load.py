@@ -16,7 +16,8 @@ Selector = Callable[[str], bool]
 
 
 def load_model(store: Store, model: nn.Module, *, experts=(), preset: str | None = None,
-               backend: str | None = None, device_budget: int | None = None) -> dict:
+               backend: str | None = None, device_budget: int | None = None,
+               device: str = "cpu") -> dict:
     """Runs `model` from `store`. Expert weights the selector picks (the pack globs /
     preset, matched on the model's name or on every stored name it is made of) whose
     codec multiplies fused stay coded: an `nn.Linear` becomes a CompressedLinear, a
@@ -33,10 +34,11 @@ def load_model(store: Store, model: nn.Module, *, experts=(), preset: str | None
     With `device_budget` (bytes), the coded experts' arrays stay mapped from the store
     and each forward brings the ones it uses to the device through one ExpertCache of
     that size (least recently used evicted; `cache.stats()` counts hits, misses and
-    bytes moved). Without it, they are read from the mapping in place."""
+    bytes moved) on `device` ("cpu", or "cuda"/"cuda:N" for the GPU runtime, whose modules
+    then take CUDA inputs). Without it, they are read from the mapping in place."""
     selector = ExpertSelector(experts, preset)
     found = locate(store, model)
-    cache = None if device_budget is None else ExpertCache(device_budget)
+    cache = None if device_budget is None else ExpertCache(device_budget, device=device)
     compressed = (_compress_linears(store, model, found, selector, backend, cache)
                   + _compress_experts(store, model, found, selector, backend, cache))
     state = model.state_dict()        # a CompressedLinear's bias is in it, dense as stored
