@@ -73,7 +73,9 @@ def kills(n: int, rng: random.Random, work: Path, findings) -> collections.Count
             kill.kill_at(ckpt, out, rng.randrange(len(writes)), rng.choice(kill.MODES), options)
         counts["kills"] += 1
         try:
-            pack(ckpt, out, PackOptions(**options), resume=out.exists())
+            # A kill drawn past the last write of a resume let it finish: nothing to resume.
+            if not _complete(out):
+                pack(ckpt, out, PackOptions(**options), resume=out.exists())
         except Exception as e:  # noqa: BLE001 - a failed resume is the finding
             counts["resumes failed"] += 1
             findings.write(json.dumps({"kill": i, "error": repr(e)}) + "\n")
@@ -82,6 +84,14 @@ def kills(n: int, rng: random.Random, work: Path, findings) -> collections.Count
             counts["data lost"] += 1
             findings.write(json.dumps({"kill": i, "error": "resumed store differs"}) + "\n")
     return counts
+
+
+def _complete(store: Path) -> bool:
+    import qmoefmt
+    try:
+        return qmoefmt.open(store).complete
+    except qmoefmt.QmoeError:
+        return False
 
 
 def main() -> None:

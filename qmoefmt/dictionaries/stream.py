@@ -13,7 +13,7 @@ import numba as nb
 import numpy as np
 
 from .. import backends
-from ..backends.base import ROW_STATUS
+from ..backends.base import ROW_SHORT, ROW_STATUS
 from ..errors import FormatError
 from ..format.constants import KIND_QMOE2023, index_dtype
 from .qmoe2023 import TRIE_ROOT
@@ -227,11 +227,29 @@ def decode_symbols(codes: np.ndarray, row_codes: np.ndarray, cols: int, d: Dicti
     return symbols_rows(codes, offsets[a:b + 1], cols, d, where, backend, first=a)
 
 
+# Outputs up to this many elements are allocated before the kernel finds short rows;
+# larger ones only once every row's codewords can reach its width.
+REACH_CHECKED = 1 << 24
+
+
+def check_reach(offsets: np.ndarray, cols: int, d: Dictionary, where: str, first: int) -> None:
+    """Refuses, before a large output is allocated, rows whose codewords cannot expand to
+    the width even at the dictionary's longest entry: else a store of a few bytes could
+    declare a width that makes the reader allocate gigabytes only to find its rows short
+    (spec §9). Reported as the kernel would report those rows."""
+    n = len(offsets) - 1
+    if n * cols <= REACH_CHECKED:
+        return
+    short = np.diff(offsets) * d.max_length < cols
+    _raise_status(np.where(short, ROW_SHORT, 0).astype(np.uint8), where, first)
+
+
 def symbols_rows(codes: np.ndarray, offsets: np.ndarray, cols: int, d: Dictionary,
                  where: str = "tensor", backend=None, first: int = 0) -> np.ndarray:
     """`decode_symbols` of the rows whose checked offsets (`row_offsets`, sliced) are
     given, the first of them row `first` of the tensor (for error messages)."""
     n = len(offsets) - 1
+    check_reach(offsets, cols, d, where, first)
     out = np.zeros((n, cols), np.int8) if not (n and cols) else np.empty((n, cols), np.int8)
     status = np.zeros(n, np.uint8)
     if n and cols:
@@ -251,6 +269,7 @@ def decode_values(codes: np.ndarray, row_codes: np.ndarray, cols: int, d: Dictio
     offsets = row_offsets(row_codes, codes.shape[0], cols, where)
     a, b = row_range(rows, len(offsets) - 1)
     offsets, n = offsets[a:b + 1], b - a
+    check_reach(offsets, cols, d, where, a)
     if out is None:
         out = np.empty((n, cols), np.float32)
     elif out.shape != (n, cols) or out.dtype != np.float32:

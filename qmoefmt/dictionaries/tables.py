@@ -47,6 +47,7 @@ class Dictionary:
     _content_id: str | None = field(default=None, repr=False, compare=False)
     _chain: object = field(default=None, repr=False, compare=False)
     _slots: object = field(default=None, repr=False, compare=False)
+    _max_length: int | None = field(default=None, repr=False, compare=False)
 
     @property
     def n_states(self) -> int:
@@ -55,6 +56,13 @@ class Dictionary:
     @property
     def max_nnz(self) -> int:
         return int(self.nz_pos.shape[2])
+
+    @property
+    def max_length(self) -> int:
+        """The longest entry: a row of k codewords reaches at most k times this."""
+        if self._max_length is None:
+            self._max_length = int(self.length.max())
+        return self._max_length
 
     def runtime_records(self) -> tuple[np.ndarray, int, int, int, int]:
         """Bit-packed copies of the entries for the decoders, never stored: each entry is
