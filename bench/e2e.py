@@ -1,5 +1,6 @@
 """End to end: tokens/s of the bundled model run from its store (expert linears multiplied
-from their codes: a ternary store and a 2-bit uint-packed one) against the same model
+from their codes: a ternary store, a 2-bit store as `--kbit-codec auto` packs it (since
+format 1.4's compact dictionaries: uint-dict16) and a 2-bit uint-packed one) against the same model
 dense (every weight dequantized from that store into plain fp32 nn.Linear), in the same
 process at the same thread count. Greedy generation with a key/value cache
 (qmoefmt.demo.generate): the prefill is one forward pass over the prompt, the decode one
@@ -34,7 +35,8 @@ from qmoefmt.demo.generate import (compressed_model, dequantized_model, greedy, 
 from qmoefmt.demo.textdata import decode, heldout_tokens
 
 QMOEFMT = Path(sys.executable).parent / "qmoefmt"
-KINDS = {"ternary": [], "2-bit": ["--bits", "2"]}
+KINDS = {"ternary": [], "2-bit": ["--bits", "2"],
+         "2-bit packed": ["--bits", "2", "--kbit-codec", "packed"]}   # auto picks dict16 here
 
 
 def pack_store(tmp: Path, kind: str) -> Path:
@@ -72,10 +74,10 @@ def main() -> None:
     reps, tokens = (3, 32) if args.quick else (args.reps, args.tokens)
     # The held-out split's first bytes (plain ASCII): text the model did not train on.
     prompt = decode(heldout_tokens()[:args.prompt_bytes])
-    given = {"ternary": args.ternary, "2-bit": args.two_bit}
+    given = {"ternary": args.ternary, "2-bit": args.two_bit, "2-bit packed": None}
     print(f"numba {numba.__version__}, torch {torch.__version__}; prompt {args.prompt_bytes} "
           f"bytes (+1 separator), {tokens} tokens generated, median of {reps}")
-    print(f"{'store':>7} {'thr':>3} | {'prefill tok/s: store':>20} {'dense':>7} {'ratio':>6} | "
+    print(f"{'store':>12} {'thr':>3} | {'prefill tok/s: store':>20} {'dense':>7} {'ratio':>6} | "
           f"{'decode tok/s: store':>19} {'dense':>7} {'ratio':>6} | same text")
     with tempfile.TemporaryDirectory() as tmp:
         for kind in KINDS:
@@ -87,7 +89,7 @@ def main() -> None:
                     warm_up(model)
                 r, same = rates(models, prompt, tokens, reps)
                 (ps, ds), (pd, dd) = r["store"], r["dense"]
-                print(f"{kind:>7} {threads:>3} | {ps:>20.0f} {pd:>7.0f} {ps / pd:>6.2f} | "
+                print(f"{kind:>12} {threads:>3} | {ps:>20.0f} {pd:>7.0f} {ps / pd:>6.2f} | "
                       f"{ds:>19.0f} {dd:>7.0f} {ds / dd:>6.2f} | {'yes' if same else 'NO'}",
                       flush=True)
 
