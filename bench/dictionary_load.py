@@ -16,7 +16,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
 
 from qmoefmt.dictionaries import compact
 from qmoefmt.dictionaries.golomb import build_golomb

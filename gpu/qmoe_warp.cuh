@@ -31,7 +31,9 @@ typedef long long qm_i64;
 #define QM_WARP 32
 #define QM_FULL 0xffffffffu
 
-#if defined(__CUDA_ARCH__)
+// Declared in nvcc's host pass too: it parses the kernels' bodies (and instantiates their
+// templates) there, so every kernel file names DeviceWarp in both passes.
+#if defined(__CUDACC__) || defined(__CUDACC_RTC__)
 struct DeviceWarp {
     template <class T> struct lanes {
         T v;

@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from qmoefmt.testing import fuzz, kill  # noqa: E402
 from qmoefmt.testing.fuzz_targets import checkpoint, make_targets  # noqa: E402
+from qmoefmt.testing.trees import files_of  # noqa: E402
 
 ROWS = ["tried", "refused", "re-signed accepted", "crash", "hang", "over the memory bound",
         "silent (a plain change accepted)", "kills", "resumes failed", "data lost"]
@@ -64,7 +65,7 @@ def kills(n: int, rng: random.Random, work: Path, findings) -> collections.Count
     ckpt = checkpoint(work / "kill-src" / "model.safetensors")
     options = {"experts": ["experts.*"], "dictionary": "qmoe-2023"}
     writes = kill.counted_writes(ckpt, work / "kill-ref", options)
-    want = kill.files_of(work / "kill-ref")
+    want = files_of(work / "kill-ref")
     counts = collections.Counter()
     for i in range(n):
         out = work / f"kill-{i}"
@@ -80,7 +81,7 @@ def kills(n: int, rng: random.Random, work: Path, findings) -> collections.Count
             counts["resumes failed"] += 1
             findings.write(json.dumps({"kill": i, "error": repr(e)}) + "\n")
             continue
-        if kill.files_of(out) != want:
+        if files_of(out) != want:
             counts["data lost"] += 1
             findings.write(json.dumps({"kill": i, "error": "resumed store differs"}) + "\n")
     return counts

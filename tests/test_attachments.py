@@ -21,6 +21,7 @@ from qmoefmt.pack import PackOptions, pack
 from qmoefmt.store.writer import StoreExistsError
 from qmoefmt.store.verify import verify
 from qmoefmt_cli.main import main as cli
+from qmoefmt.testing.trees import files_of
 
 EXPERTS = PackOptions(experts=("*.experts.*",))
 # verbatim means verbatim: odd spacing, member order, non-ASCII (one beyond the BMP)
@@ -55,11 +56,6 @@ def checkpoint(directory: Path, config: bytes | None = CONFIG,
 
 def root_meta(store: Path) -> dict:
     return json.loads((store / "zarr.json").read_bytes())["attributes"]["qmoefmt"]
-
-
-def files_of(root: Path) -> dict[str, bytes]:
-    return {p.relative_to(root).as_posix(): p.read_bytes()
-            for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture

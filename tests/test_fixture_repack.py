@@ -12,12 +12,12 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
 from qmoefmt.testing import paths
 from qmoefmt_cli.main import main as cli
+from qmoefmt.testing.trees import files_of
 
 
 def _make_fixtures():
@@ -42,11 +42,6 @@ ROOT_SHA256 = {
     "switch-tiny-2bit.qmoe": "c6aa392024e0ace4747d25168a851f4bb36f74a3895efe8fd7b3378a36d69581",
     "switch-tiny.qmoe": "8fea460a20a13558a218a57eb6eb98896e0c60a33ca4cb5638d47ffc23a2f18d",
 }
-
-
-def files_of(root: Path) -> dict[str, bytes]:
-    return {p.relative_to(root).as_posix(): p.read_bytes()
-            for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def without_checksum_and_pack(root_doc: bytes, since_14: bool = True) -> dict:

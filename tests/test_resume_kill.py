@@ -16,7 +16,7 @@ from qmoefmt.store import writer as W
 from qmoefmt.store.verify import verify
 from qmoefmt.store.writer import StoreExistsError
 from qmoefmt.testing import kill
-from qmoefmt.testing.kill import files_of
+from qmoefmt.testing.trees import files_of
 
 OPTIONS = {"experts": ["*experts*"], "dictionary": "qmoe-2023"}
 

@@ -25,6 +25,7 @@ from qmoefmt.io.unpack import unpack
 from qmoefmt.store.verify import verify
 from qmoefmt.testing import conformance, paths
 from qmoefmt.testing.qmoe_reference import reference_quantize
+from qmoefmt.testing.trees import files_of
 
 # Packing these two edge tensors hits known bugs (see test_pack_expert_with_zero_columns
 # and test_pack_scalar_round_trips); the other tests pack the edge model without them.
@@ -33,11 +34,6 @@ KNOWN_BAD = ("edge.empty_cols", "scalar")
 QMOE = PackOptions(experts=("edge.*",), dictionary="qmoe-2023")
 SWITCH_QMOE = PackOptions(preset="switch", dictionary="qmoe-2023")
 SWITCH_AUTO = PackOptions(preset="switch")
-
-
-def files_of(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
-            if p.is_file()}
 
 
 def assert_same_tree(a: Path, b: Path) -> None:

@@ -91,14 +91,16 @@ def parse_ptxas(text: str) -> list[KernelReport]:
 
 
 def compile_kernels(cu: str, arch: str, exe: str | None = None) -> tuple[int, str, list[KernelReport]]:
-    """`nvcc -cubin -arch=ARCH -Xptxas -v` of one kernel file. -> (returncode, output,
-    ptxas's report per kernel)."""
+    """`nvcc -c -arch=ARCH -Xptxas -v` of one kernel file: both of nvcc's passes, the host
+    one as a build of the file would run it (a -cubin build runs only the device pass and
+    misses what the host pass refuses). -> (returncode, output, ptxas's report per
+    kernel)."""
     exe = exe or nvcc()
     if exe is None:
         raise FileNotFoundError("nvcc not found")
     with tempfile.TemporaryDirectory() as tmp:
-        p = subprocess.run([exe, STD, "-cubin", f"-arch={arch}", "-Xptxas", "-v",
-                            "-I", str(SOURCES), "-o", str(Path(tmp) / "k.cubin"),
+        p = subprocess.run([exe, STD, "-c", f"-arch={arch}", "-Xptxas", "-v",
+                            "-I", str(SOURCES), "-o", str(Path(tmp) / "k.o"),
                             str(SOURCES / cu)], capture_output=True, text=True)
     text = p.stdout + p.stderr
     return p.returncode, text, parse_ptxas(text)

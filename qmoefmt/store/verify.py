@@ -18,9 +18,9 @@ from ..errors import FormatError, IncompleteStoreError, QmoeError
 from ..format import constants as C
 from ..format import metadata as M
 from ..format import records as R
-from ..format.source import lowest_version
 from .files import check_array_file, read_metadata
 from .reader import Store
+from .version import needed_version
 
 
 @dataclass(frozen=True)
@@ -72,8 +72,7 @@ def _wrong_version(declared: str, needed: str) -> bool:
 
 def _check_version(store: Store, used: set) -> list[Problem]:
     entries = list(store.dictionary_entries.values())
-    needed = lowest_version(max(codecs.lowest_version(used), dictionaries.lowest_version(entries),
-                                key=C.version_tuple), store.meta)
+    needed = needed_version(used, entries, store.meta)
     if not _wrong_version(store.format_version, needed):
         return []
     what = f"the codecs used ({', '.join(sorted(used))})"

@@ -15,13 +15,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import codecs, dictionaries
 from ..dictionaries.tables import Dictionary
 from ..errors import QmoeError
 from ..format import constants as C
 from ..format import metadata as M
-from ..format.source import lowest_version
 from .files import check_array_file, load_json, read_root
+from .version import needed_version
 
 
 class StoreExistsError(QmoeError):
@@ -212,9 +211,7 @@ class StoreWriter:
         # The incomplete root declared the newest version the pack might need; the final
         # one declares the lowest its codecs and root members need (spec §3).
         entries = [self.dictionaries[c] for c in sorted(used)]
-        version = lowest_version(max(codecs.lowest_version({r["codec"] for r in records}),
-                                     dictionaries.lowest_version(entries), key=C.version_tuple),
-                                 self.meta)
+        version = needed_version({r["codec"] for r in records}, entries, self.meta)
         meta = dict(self.meta, complete=True, format_version=version, dictionaries=entries,
                     tensors=records)
         os.sync()   # every array and group durable before the marker says complete

@@ -21,11 +21,15 @@ import hashlib
 import json
 import os
 import random
+import re
+import selectors
 import shutil
 import subprocess
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from ..format import metadata as M
 
 PLAIN = ("flip", "truncate", "extend", "delete")
 RESIGNED = ("chunk", "value", "drop", "add", "duplicate")
@@ -50,13 +54,13 @@ class Mutation:
         return json.dumps(asdict(self), sort_keys=True)
 
 
-def files_of(store: Path) -> list[str]:
+def file_names(store: Path) -> list[str]:
     return sorted(p.relative_to(store).as_posix() for p in store.rglob("*") if p.is_file())
 
 
 def random_mutation(store: Path, rng: random.Random) -> Mutation:
     kind = rng.choice(PLAIN + RESIGNED)
-    files = files_of(store)
+    files = file_names(store)
     if kind in PLAIN:
         f = rng.choice(files)
         size = (store / f).stat().st_size
@@ -70,11 +74,14 @@ def random_mutation(store: Path, rng: random.Random) -> Mutation:
         f = rng.choice(chunks)
         size = (store / f).stat().st_size
         return Mutation(kind, f, rng.randrange(max(size, 1)), rng.randrange(1, 256))
-    n = len(_slots(_root(store)))
+    slots = _slots(_root(store))
+    if kind == "duplicate":     # an entry of an array twice (an object cannot hold twins)
+        return Mutation(kind, "", rng.choice([i for i, (c, _) in enumerate(slots)
+                                              if isinstance(c, list)]))
     value = rng.choice(ODD_VALUES) if kind in ("value", "add") else None
     if kind == "value" and rng.random() < 0.5:
         value = "nudge"     # a nearby number: the likeliest to slip past a check
-    return Mutation(kind, "", rng.randrange(n), value)
+    return Mutation(kind, "", rng.randrange(len(slots)), value)
 
 
 def apply(store: Path, m: Mutation) -> None:
@@ -151,10 +158,8 @@ def _edit(meta: dict, m: Mutation) -> None:
             container[f"{key}_x"] = m.value
         else:
             container.append(m.value)
-    elif m.kind == "duplicate" and isinstance(container, list):
-        container.insert(key, container[key])
     elif m.kind == "duplicate":
-        container[f"{key}"] = container[key]      # a dict cannot hold twins: a no-op edit
+        container.insert(key, container[key])
 
 
 def _set(obj, steps: list, value) -> None:
@@ -175,7 +180,6 @@ def _dumps(doc) -> bytes:
 def resign(store: Path) -> None:
     """Recompute what an attacker can: array CRCs, dictionary content ids, the tensor
     groups' copies of their records, and the root's checksum."""
-    from ..format import metadata as M
     doc = json.loads((store / "zarr.json").read_bytes())
     meta = doc["attributes"]["qmoefmt"]
     for e in meta.get("dictionaries") or []:
@@ -204,9 +208,6 @@ def resign(store: Path) -> None:
 
 def _resign_checksum(store: Path) -> None:
     """The root's self-checksum over its bytes as they are (spec §4.4)."""
-    import re
-
-    from ..format import metadata as M
     raw = (store / "zarr.json").read_bytes()
     raw = re.sub(rb'"checksum":"[0-9a-fA-F]{8}"', b'"checksum":"00000000"', raw, count=1)
     crc = f"{M.crc32c(raw):08x}"
@@ -225,7 +226,6 @@ def _chunk(store: Path, entry: dict, name: str) -> bytes:
 
 
 def _resign_arrays(store: Path, entry: dict) -> None:
-    from ..format import metadata as M
     arrays = entry.get("arrays")
     if not isinstance(arrays, dict):
         return
@@ -270,7 +270,6 @@ class Worker:
             self._start()
         self.proc.stdin.write(f"{store}\n")
         self.proc.stdin.flush()
-        import selectors
         sel = selectors.DefaultSelector()
         sel.register(self.proc.stdout, selectors.EVENT_READ)
         ready = sel.select(self.deadline)

@@ -58,8 +58,3 @@ def counted_writes(ckpt: Path, out: Path, options: dict) -> list[str]:
     finally:
         W._write_file = real
     return writes
-
-
-def files_of(root: Path) -> dict[str, bytes]:
-    return {p.relative_to(root).as_posix(): p.read_bytes()
-            for p in sorted(root.rglob("*")) if p.is_file()}
