@@ -330,19 +330,24 @@ def verify(store, deep, as_json):
     from qmoefmt.store.verify import verify as run_verify
 
     opened = {"n": 0}
+    notes = []
 
     def on_open(n):
         opened["n"] = bar.total = n
         bar.refresh()
 
     with _bar(None, "tensor", "verify") as bar:
-        problems = run_verify(store, deep=deep, progress=bar.update, on_open=on_open)
+        problems = run_verify(store, deep=deep, progress=bar.update, on_open=on_open,
+                              on_note=notes.append)
     n = opened["n"]
     if as_json:
         click.echo(json.dumps({"ok": not problems, "deep": deep,
-                               "problems": [{"where": p.where, "what": p.what} for p in problems]},
+                               "problems": [{"where": p.where, "what": p.what} for p in problems],
+                               "notes": [{"where": p.where, "what": p.what} for p in notes]},
                               indent=2))
     else:
+        for p in notes:
+            click.echo(f"note: {p}")
         for p in problems:
             click.echo(str(p))
         if not problems:

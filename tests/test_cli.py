@@ -119,7 +119,7 @@ def test_verify_json_good(fixture_store):
     r = run("verify", "--json", "--deep", fixture_store("edge.qmoe"))
     assert r.exit_code == 0, r.output
     doc = json.loads(r.stdout)
-    assert doc == {"ok": True, "deep": True, "problems": []}
+    assert doc == {"ok": True, "deep": True, "problems": [], "notes": []}
 
 
 def test_verify_text_good(fixture_store):

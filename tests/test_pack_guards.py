@@ -203,3 +203,16 @@ def test_resume_from_another_checkpoint(model, tmp_path):
     with pytest.raises(StoreExistsError, match="cannot resume: the interrupted pack read "
                                                "another checkpoint"):
         pack(other, out, PackOptions(experts=("*experts*",)), resume=True)
+
+
+def test_a_root_readers_would_refuse_is_never_committed(tmp_path):
+    # names are data: 400 names of 4,000 '{' make a 1.6 MB root denser than §9 allows; the
+    # pack fails before the commit marker, so no reader is handed a store it must refuse
+    w = {("{" * 4000) + f".{i}": np.zeros(1, np.float32) for i in range(400)}
+    w["x.experts.0"] = np.ones((4, 4), np.float32)
+    save_file(w, str(tmp_path / "m.safetensors"))
+    r = run("pack", tmp_path / "m.safetensors", tmp_path / "o.qmoe", "--experts", "x.experts.*",
+            "--dictionary", "qmoe-2023")
+    one_line_error(r, "o.qmoe/zarr.json", "the completed root would be", "spec §9")
+    doc = json.loads((tmp_path / "o.qmoe" / "zarr.json").read_bytes())
+    assert doc["attributes"]["qmoefmt"]["complete"] is False

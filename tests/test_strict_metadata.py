@@ -324,6 +324,33 @@ def test_root_nested_100000_deep_is_refused(store):
     assert r.exit_code == 1 and "nested too deeply" in r.output and len(r.output.splitlines()) == 1
 
 
+@pytest.mark.parametrize("filler, match", [(b'{},', r"'\{' and '\[' in \d+ bytes"),
+                                           (b'[],', r"'\{' and '\[' in \d+ bytes"),
+                                           (b'"abcd",', r"',' and ':' in \d+ bytes")])
+def test_a_root_dense_in_values_is_refused_before_it_is_parsed(store, filler, match):
+    # 2 MiB of such values would cost a parser ~25x their size (spec §9)
+    raw = (store / "zarr.json").read_bytes()
+    pad = b'"pad":[' + filler * ((2 << 20) // len(filler)) + b'0],'
+    (store / "zarr.json").write_bytes(sign(raw.replace(b'"complete":', pad + b'"complete":', 1)))
+    refused(store, match)
+
+
+def test_a_large_written_root_is_not_dense(tmp_path):
+    # the writer's root stays well inside the density limits: 4,000 records, ~2 MiB
+    recs = [{"name": f"layers.{i // 64}.experts.{i % 64}.w", "path": f"tensors/layers.{i // 64}."
+             f"experts.{i % 64}.w", "shape": [4], "dtype": "float32", "codec": fmt.CODEC_DENSE,
+             "source_sha256": "f" * 64,
+             "arrays": {"data": {"data_type": "float32", "shape": [4], "crc32c": 1}}}
+            for i in range(4000)]
+    raw = fmt.root_doc({"format_version": "1.0", "complete": True, "pack": {}, "plan": {},
+                        "source": {}, "writer": {"name": "t"}, "dictionaries": [],
+                        "tensors": recs})
+    assert len(raw) > fmt.ROOT_DENSE_FROM
+    assert fmt.root_size_problem(raw) is None
+    assert (raw.count(b"{") + raw.count(b"[")) * 2 * fmt.ROOT_BYTES_PER_CONTAINER < len(raw)
+    assert (raw.count(b",") + raw.count(b":")) * 1.25 * fmt.ROOT_BYTES_PER_SEPARATOR < len(raw)
+
+
 @pytest.mark.parametrize("doc", ["tensors/zarr.json", "dictionaries/zarr.json",
                                  "tensors/ids/zarr.json", "tensors/ids/data/zarr.json"])
 def test_a_metadata_file_replaced_by_a_directory_is_reported(store, doc):

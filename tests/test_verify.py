@@ -418,3 +418,26 @@ def test_fuzzed_index_never_crashes(small_store, data):
             pytest.fail(f"open/decode raised {type(e).__name__}: {e} for {path} = {value!r}")
     finally:
         (store / "zarr.json").write_bytes(raw0)
+
+
+def test_deep_verify_notes_a_dictionary_whose_params_do_not_rebuild_it(tmp_path, fixture_store):
+    # params are informative (§5.4): a writer's own construction is a valid store, but
+    # verify cannot check its streams are canonical, and says so without failing
+    from qmoefmt.testing.fuzz import resign
+    store = tmp_path / "s.qmoe"
+    shutil.copytree(fixture_store("edge-auto.qmoe"), store)
+    doc = json.loads((store / "zarr.json").read_bytes())
+    entry = next(e for e in doc["attributes"]["qmoefmt"]["dictionaries"]
+                 if e["kind"] == "golomb-v2f")
+    entry["params"]["p_zero"] = 0.5
+    (store / "zarr.json").write_bytes(fmt.dumps(doc))
+    resign(store)
+    notes = []
+    assert verify(store, deep=True, on_note=notes.append) == []
+    assert len(notes) == 1 and "do not rebuild its tables" in str(notes[0])
+    assert entry["path"] in notes[0].where
+    r = run_cli("verify", "--deep", store)
+    assert r.exit_code == 0 and r.output.startswith("note: ") and "ok (" in r.output
+    r = run_cli("verify", "--deep", "--json", store)
+    assert r.exit_code == 0 and len(json.loads(r.output)["notes"]) == 1
+    assert run_cli("verify", store).output.count("note:") == 0     # shallow checks no stream

@@ -12,7 +12,9 @@ import re
 import crc32c as _crc32c
 import numpy as np
 
-from .constants import CHECKSUM_PLACEHOLDER, DICTIONARIES, ROOT_META, TENSORS
+from .constants import (CHECKSUM_PLACEHOLDER, DICTIONARIES, MAX_ROOT_METADATA,
+                        ROOT_BYTES_PER_CONTAINER, ROOT_BYTES_PER_SEPARATOR, ROOT_DENSE_FROM,
+                        ROOT_META, TENSORS)
 
 
 def crc32c(data) -> int:
@@ -59,6 +61,27 @@ def loads(raw: bytes):
     except RecursionError:
         # the parser recurses per nesting level; its limit is the reader's (spec §9)
         raise ValueError("nested too deeply for this reader") from None
+
+
+def root_size_problem(raw: bytes) -> str | None:
+    """Why a root of these bytes is over a §9 limit, or None. Counted on the raw bytes,
+    strings included (an upper bound), before parsing: a parser spends ~60-230 bytes per
+    object, array or string it builds, so a small root dense in values could otherwise
+    cost ~25x its size."""
+    n = len(raw)
+    if n > MAX_ROOT_METADATA:
+        return f"{n} bytes of metadata, limit is {MAX_ROOT_METADATA}"
+    if n <= ROOT_DENSE_FROM:
+        return None
+    containers = raw.count(b"{") + raw.count(b"[")
+    if containers * ROOT_BYTES_PER_CONTAINER > n:
+        return (f"{containers} '{{' and '[' in {n} bytes: more than one per "
+                f"{ROOT_BYTES_PER_CONTAINER} bytes (spec §9)")
+    separators = raw.count(b",") + raw.count(b":")
+    if separators * ROOT_BYTES_PER_SEPARATOR > n:
+        return (f"{separators} ',' and ':' in {n} bytes: more than one per "
+                f"{ROOT_BYTES_PER_SEPARATOR} bytes (spec §9)")
+    return None
 
 
 def np_dtype(data_type: str) -> np.dtype:
@@ -159,5 +182,5 @@ def dictionary_path(content_id: str) -> str:
 __all__ = [
     "crc32c", "dumps", "loads", "np_dtype", "chunk_shape", "chunk_key", "has_chunk", "array_doc",
     "group_doc", "node_doc", "root_doc", "root_checksum_ok", "tensor_paths",
-    "dictionary_path"
+    "dictionary_path", "root_size_problem"
 ]

@@ -20,6 +20,7 @@ from ..errors import NonFiniteError
 from ..format import bf16
 from ..format import constants as C
 from ..codecs import uint_dict16
+from ..codecs.coded_stream import symbol_counts
 from ..codecs.kbit_grid import n_groups
 from ..codecs.uint_packed import row_bytes
 from .options import PackError, PackOptions
@@ -92,7 +93,7 @@ def quantize(name: str, loaded: Loaded, options: PackOptions, calibration=None,
         sym = result.codes.numpy()
         return Quantized(quantizer, symbols=sym,
                          scales=np.stack([bf16.exact_bits(result.lo), bf16.exact_bits(result.hi)], axis=1),
-                         counts=np.bincount(sym.reshape(-1), minlength=3)[:3].astype(np.int64))
+                         counts=np.array(symbol_counts(sym), np.int64))
     if options.bits != C.TERNARY:
         from .._torch import require_torch
         torch = require_torch(f"pack --bits {options.bits}")
@@ -165,7 +166,7 @@ def encode_kbit(record: dict, q: Quantized, options: PackOptions, held: dict,
             options.kbit_codec == "auto" and uint_dict16.coded_bytes(
                 0, rows, cols, int(np.count_nonzero(np.abs(steps) >= 2))) < packed_bytes):
         parts = uint_dict16.split(levels, zeros, size, steps)
-        counts = np.bincount(parts[0].reshape(-1), minlength=3)[:3].astype(np.int64)
+        counts = np.array(symbol_counts(parts[0]), np.int64)
         d = choose_dictionary(options, counts, held, params_left)
         members, arrays = UINT_DICT.encode(parts, counts, d, scales, zeros)
         coded = sum(arrays[a][0].nbytes for a in ("codes", "row_codes", "row_escapes",

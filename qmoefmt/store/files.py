@@ -54,6 +54,9 @@ def read_root(root: Path) -> dict:
         raise FormatError(str(path), "no qmoefmt checksum field")
     if not ok:
         raise FormatError(str(path), "checksum mismatch: the root metadata was modified or damaged")
+    too_big = M.root_size_problem(raw)
+    if too_big:
+        raise LimitError(str(path), too_big)
     try:
         doc = M.loads(raw)
     except ValueError as e:

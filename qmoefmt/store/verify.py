@@ -153,9 +153,10 @@ def _check_members(store: Store) -> list[Problem]:
     return problems
 
 
-def verify(path, deep: bool = False, progress=None, on_open=None) -> list[Problem]:
+def verify(path, deep: bool = False, progress=None, on_open=None, on_note=None) -> list[Problem]:
     """`on_open(n_tensors)` is called once the root is read (the CLI sizes its progress
-    bar with it); `progress(1)` after each tensor."""
+    bar with it); `progress(1)` after each tensor; `on_note(Problem)` for what was not
+    checked, which is not a problem."""
     root = Path(path)
     problems: list[Problem] = []
     try:
@@ -186,9 +187,16 @@ def verify(path, deep: bool = False, progress=None, on_open=None) -> list[Proble
                       "dictionary metadata")
         _check_arrays(root, node, entry["arrays"], None, None, problems, expected_files)
         try:
-            store.dictionary(entry["id"])
+            d = store.dictionary(entry["id"])
         except FormatError as e:
             problems.append(Problem(e.where, e.what))
+            continue
+        if deep and on_note and not _rebuilds(d):
+            users = sum(1 for n in store if store.record(n).get("dictionary") == d.content_id)
+            on_note(Problem(f"{root}/{node}", f"dictionary {d.content_id[:19]}...: its kind "
+                            f"{d.kind!r} and params {d.params} do not rebuild its tables, so "
+                            f"the canonical-stream check of its {users} tensors was skipped "
+                            "(their symbols were checked)"))
 
     for name in store:
         t = store.record(name)
@@ -209,6 +217,13 @@ def verify(path, deep: bool = False, progress=None, on_open=None) -> list[Proble
         if p.is_file() and p not in expected_files:
             problems.append(Problem(str(p), "unexpected file (not part of the store)"))
     return problems
+
+
+def _rebuilds(d) -> bool:
+    """Whether this code's construction of the dictionary's kind and params gives its very
+    tables, so that a codeword stream can be checked for being the canonical one (§5.4)."""
+    canon = dictionaries.canonical(d.kind, d.params, d.form)
+    return canon is not None and canon.content_id == d.content_id
 
 
 def _check_record(store: Store, name: str, deep: bool) -> list[Problem]:

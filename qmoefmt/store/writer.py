@@ -214,8 +214,13 @@ class StoreWriter:
         version = needed_version({r["codec"] for r in records}, entries, self.meta)
         meta = dict(self.meta, complete=True, format_version=version, dictionaries=entries,
                     tensors=records)
+        doc = M.root_doc(meta)
+        too_big = M.root_size_problem(doc)
+        if too_big:
+            # the reader's limit, checked before the marker: a store readers refuse is not complete
+            raise QmoeError(f"{self.root / C.ROOT_META}: the completed root would be {too_big}")
         os.sync()   # every array and group durable before the marker says complete
-        _write_file(self.root / C.ROOT_META, M.root_doc(meta), durable=True)
+        _write_file(self.root / C.ROOT_META, doc, durable=True)
         fd = os.open(self.root, os.O_RDONLY)
         try:
             os.fsync(fd)
