@@ -24,7 +24,8 @@ from qmoefmt.testing.fuzz_targets import checkpoint, make_targets  # noqa: E402
 from qmoefmt.testing.trees import files_of  # noqa: E402
 
 ROWS = ["tried", "refused", "re-signed accepted", "crash", "hang", "over the memory bound",
-        "silent (a plain change accepted)", "kills", "resumes failed", "data lost"]
+        "silent (a plain change accepted)", "not built (harness error)", "kills",
+        "resumes failed", "data lost"]
 
 
 def mutants(targets: dict, n: int, rng: random.Random, work: Path, findings, progress):
@@ -34,7 +35,14 @@ def mutants(targets: dict, n: int, rng: random.Random, work: Path, findings, pro
         for i in range(n):
             name = rng.choice(sorted(targets))
             m = fuzz.random_mutation(targets[name], rng)
-            result = worker.run(fuzz.mutant(targets[name], m, work / "mutant"))
+            try:
+                store = fuzz.mutant(targets[name], m, work / "mutant")
+            except Exception as e:  # noqa: BLE001 - the harness's own bug: count it, go on
+                counts["not built (harness error)"] += 1
+                findings.write(json.dumps({"target": name, "mutation": json.loads(m.as_json()),
+                                           "harness": f"{type(e).__name__}: {e}"}) + "\n")
+                continue
+            result = worker.run(store)
             counts["tried"] += 1
             row = _row(m, result)
             counts[row] += 1

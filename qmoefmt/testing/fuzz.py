@@ -177,28 +177,35 @@ def _dumps(doc) -> bytes:
             ).encode()
 
 
+def _entries(meta: dict, key: str) -> list:
+    """The root's list `key` as a mutation left it: anything but a list has no entries."""
+    value = meta.get(key)
+    return value if isinstance(value, list) else []
+
+
 def resign(store: Path) -> None:
     """Recompute what an attacker can: array CRCs, dictionary content ids, the tensor
     groups' copies of their records, and the root's checksum."""
     doc = json.loads((store / "zarr.json").read_bytes())
     meta = doc["attributes"]["qmoefmt"]
-    for e in meta.get("dictionaries") or []:
+    for e in _entries(meta, "dictionaries"):
         if isinstance(e, dict):
             _resign_arrays(store, e)
             old = e.get("id")
+            arrays = e.get("arrays") if isinstance(e.get("arrays"), dict) else {}
             new = "sha256:" + hashlib.sha256(b"".join(
-                _chunk(store, e, name) for name in sorted(e.get("arrays") or {}))).hexdigest()
+                _chunk(store, e, name) for name in sorted(arrays))).hexdigest()
             e["id"] = new
-            for r in meta.get("tensors") or []:
+            for r in _entries(meta, "tensors"):
                 if isinstance(r, dict) and r.get("dictionary") == old:
                     r["dictionary"] = new
-    for r in meta.get("tensors") or []:
+    for r in _entries(meta, "tensors"):
         if isinstance(r, dict):
             _resign_arrays(store, r)
             group = store / str(r.get("path")) / "zarr.json"
             if isinstance(r.get("path"), str) and group.is_file():
                 group.write_bytes(M.node_doc(r))
-    for e in meta.get("dictionaries") or []:
+    for e in _entries(meta, "dictionaries"):
         group = store / str(e.get("path")) / "zarr.json" if isinstance(e, dict) else None
         if group is not None and group.is_file():
             group.write_bytes(M.node_doc(e))
