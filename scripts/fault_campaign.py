@@ -1,11 +1,13 @@
-"""The fault campaign: mutants of small stores (plain and re-signed, qmoefmt.testing.fuzz)
-and packs killed at random writes then resumed (qmoefmt.testing.kill). Prints the table
-the hardening issue asks for; findings go to a JSONL file, ready for the seed corpus.
+"""The fault campaign: mutants of small stores (plain and re-signed, qmoefmt.testing.fuzz),
+mutated checkpoints packed (qmoefmt.testing.fuzz_checkpoint), and packs killed at random
+writes then resumed (qmoefmt.testing.kill). Prints the table the hardening issue asks for;
+findings go to a JSONL file, ready for the seed corpus.
 
-    python scripts/fault_campaign.py --mutants 20000 --kills 100 [--seed 0] [--json]
+    python scripts/fault_campaign.py --mutants 20000 --checkpoints 2000 --kills 100 [--seed 0] [--json]
 
-Everything but 'refused' and 're-signed accepted' (a re-signed edit that is itself a valid
-store) must be 0."""
+Everything but 'refused', 're-signed accepted' (a re-signed edit that is itself a valid
+store) and the checkpoints refused or packed (safetensors has no checksum: a changed
+byte packs as other weights) must be 0."""
 from __future__ import annotations
 
 import argparse
@@ -19,11 +21,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from qmoefmt.testing import fuzz, kill  # noqa: E402
+from qmoefmt.testing import fuzz, fuzz_checkpoint, kill  # noqa: E402
 from qmoefmt.testing.fuzz_targets import checkpoint, make_targets  # noqa: E402
 from qmoefmt.testing.trees import files_of  # noqa: E402
 
-ROWS = ["tried", "refused", "re-signed accepted", "crash", "hang", "over the memory bound",
+ROWS = ["tried", "refused", "re-signed accepted", "checkpoints tried", "checkpoints refused",
+        "checkpoints packed", "crash", "hang", "over the memory bound",
         "silent (a plain change accepted)", "not built (harness error)", "kills",
         "resumes failed", "data lost"]
 
@@ -49,6 +52,32 @@ def mutants(targets: dict, n: int, rng: random.Random, work: Path, findings, pro
             if row not in ("refused", "re-signed accepted"):
                 findings.write(json.dumps({"target": name, "mutation": json.loads(m.as_json()),
                                            "result": result}) + "\n")
+                findings.flush()
+            progress(i + 1, n, counts)
+    finally:
+        worker.close()
+    return counts
+
+
+def checkpoint_mutants(n: int, rng: random.Random, work: Path, findings, progress):
+    """Mutated checkpoints, each packed (fuzz_checkpoint): refused or packed into a store
+    that deep-verifies; a crash, hang or runaway allocation is a finding."""
+    counts = collections.Counter()
+    (work / "ckpt-src").mkdir()
+    base = checkpoint(work / "ckpt-src" / "model.safetensors")
+    worker = fuzz.Worker(memory=2**30, deadline=60)
+    try:
+        for i in range(n):
+            m = fuzz_checkpoint.random_mutation(base, rng)
+            target = fuzz_checkpoint.target_of(m)
+            result = worker.run(fuzz_checkpoint.mutant(base, m, work / "ckpt-mutant"), target)
+            counts["checkpoints tried"] += 1
+            row = {"refused": "checkpoints refused", "accepted": "checkpoints packed",
+                   "memory": "over the memory bound", "hang": "hang"}.get(result, "crash")
+            counts[row] += 1
+            if row in ("crash", "hang", "over the memory bound"):
+                findings.write(json.dumps({"checkpoint": json.loads(m.as_json()),
+                                           "target": target, "result": result}) + "\n")
                 findings.flush()
             progress(i + 1, n, counts)
     finally:
@@ -106,6 +135,7 @@ def _complete(store: Path) -> bool:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mutants", type=int, default=20000)
+    ap.add_argument("--checkpoints", type=int, default=2000)
     ap.add_argument("--kills", type=int, default=100)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--findings", default="fault_findings.jsonl")
@@ -122,6 +152,7 @@ def main() -> None:
         work = Path(tmp)
         targets = make_targets(work / "targets")
         counts = mutants(targets, args.mutants, rng, work, findings, progress)
+        counts.update(checkpoint_mutants(args.checkpoints, rng, work, findings, progress))
         counts.update(kills(args.kills, rng, work, findings))
     table = {row: counts.get(row, 0) for row in ROWS}
     table["seconds"] = round(time.perf_counter() - t0)
@@ -130,8 +161,9 @@ def main() -> None:
     else:
         for row, n in table.items():
             print(f"{row:<34} {n:>8}")
-    bad = sum(v for k, v in table.items() if k not in ("tried", "refused", "re-signed accepted",
-                                                       "kills", "seconds"))
+    bad = sum(v for k, v in table.items()
+              if k not in ("tried", "refused", "re-signed accepted", "checkpoints tried",
+                           "checkpoints refused", "checkpoints packed", "kills", "seconds"))
     sys.exit(1 if bad else 0)
 
 

@@ -1,8 +1,10 @@
 """The fault suite's fuzzer, bounded in time for CI (issue 10): the committed seed corpus
 (mutations that once got through, or near enough), then random mutants of small stores of
-every codec for the rest of the budget. No mutant may crash, hang or exceed the memory
-bound, and no plain byte change may be accepted; re-signed edits may be accepted (a
-re-signed store can be a valid store). scripts/fault_campaign.py runs the same at scale."""
+every codec for the rest of the budget, and mutated checkpoints packed for a third of it
+(~60 s in all). No mutant may crash, hang or exceed the memory bound, and no plain byte
+change of a store may be accepted; re-signed edits may be accepted (a re-signed store can
+be a valid store), and a checkpoint mutant may pack (safetensors has no checksum) into a
+store that deep-verifies. scripts/fault_campaign.py runs the same at scale."""
 from __future__ import annotations
 
 import json
@@ -13,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from qmoefmt.testing import fuzz
-from qmoefmt.testing.fuzz_targets import make_targets
+from qmoefmt.testing import fuzz, fuzz_checkpoint
+from qmoefmt.testing.fuzz_targets import checkpoint, make_targets
 
 CORPUS = Path(__file__).parent / "fuzz_corpus.jsonl"
 BUDGET = float(os.environ.get("QMOEFMT_FUZZ_SECONDS", "45"))
@@ -60,6 +62,22 @@ def test_random_mutants(targets, worker, tmp_path):
         if not outcome_ok(m, result):
             bad.append((name, m.as_json(), result))
     assert tried >= 20 and bad == [], f"{len(bad)} of {tried}: {bad[:5]}"
+
+
+def test_random_checkpoint_mutants(worker, tmp_path):
+    # a third of the store budget: each checkpoint mutant is packed, ~0.25 s
+    (tmp_path / "src").mkdir()
+    base = checkpoint(tmp_path / "src" / "model.safetensors")
+    rng = random.Random(20261203)
+    bad, tried, t0 = [], 0, time.perf_counter()
+    while time.perf_counter() - t0 < BUDGET / 3:
+        m = fuzz_checkpoint.random_mutation(base, rng)
+        result = worker.run(fuzz_checkpoint.mutant(base, m, tmp_path / "m"),
+                            fuzz_checkpoint.target_of(m))
+        tried += 1
+        if result not in ("refused", "accepted"):
+            bad.append((m.as_json(), result))
+    assert tried >= 3 and bad == [], f"{len(bad)} of {tried}: {bad[:5]}"
 
 
 def test_the_targets_are_sound(targets):

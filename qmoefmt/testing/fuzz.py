@@ -183,6 +183,13 @@ def _entries(meta: dict, key: str) -> list:
     return value if isinstance(value, list) else []
 
 
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except (OSError, ValueError):      # a mutated path: too long, or holding a NUL
+        return False
+
+
 def resign(store: Path) -> None:
     """Recompute what an attacker can: array CRCs, dictionary content ids, the tensor
     groups' copies of their records, and the root's checksum."""
@@ -203,11 +210,11 @@ def resign(store: Path) -> None:
         if isinstance(r, dict):
             _resign_arrays(store, r)
             group = store / str(r.get("path")) / "zarr.json"
-            if isinstance(r.get("path"), str) and group.is_file():
+            if isinstance(r.get("path"), str) and _is_file(group):
                 group.write_bytes(M.node_doc(r))
     for e in _entries(meta, "dictionaries"):
         group = store / str(e.get("path")) / "zarr.json" if isinstance(e, dict) else None
-        if group is not None and group.is_file():
+        if group is not None and _is_file(group):
             group.write_bytes(M.node_doc(e))
     (store / "zarr.json").write_bytes(_dumps(doc))
     _resign_checksum(store)
@@ -226,7 +233,7 @@ def _chunk(store: Path, entry: dict, name: str) -> bytes:
     base = store / str(entry.get("path")) / name
     chunk = base / "c"
     for _ in range(8):                   # c/0/0... for an n-d array
-        if chunk.is_file():
+        if _is_file(chunk):
             return chunk.read_bytes()
         chunk = chunk / "0"
     return b""
@@ -271,11 +278,13 @@ class Worker:
             env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2])))
         assert self.proc.stdout.readline().strip() == "ready"
 
-    def run(self, store: Path) -> str:
-        """'refused', 'accepted', 'crash: ...', 'memory', or 'hang'."""
+    def run(self, store: Path, pack_target: str | None = None) -> str:
+        """'refused', 'accepted', 'crash: ...', 'memory', or 'hang'. With `pack_target`,
+        `store` is a checkpoint to pack with that target's options (fuzz_checkpoint)."""
         if self.proc is None:
             self._start()
-        self.proc.stdin.write(f"{store}\n")
+        self.proc.stdin.write(f"{store}\n" if pack_target is None else
+                              f"{pack_target}\t{store}\n")
         self.proc.stdin.flush()
         sel = selectors.DefaultSelector()
         sel.register(self.proc.stdout, selectors.EVENT_READ)

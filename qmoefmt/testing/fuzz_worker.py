@@ -1,5 +1,6 @@
 """The fuzzer's worker process (qmoefmt.testing.fuzz.Worker): reads store paths from
-stdin, one per line, and answers each with one line: refused, accepted, memory or
+stdin, one per line (or 'TARGET<tab>CHECKPOINT' for a checkpoint to pack with a fuzz
+target's options), and answers each with one line: refused, accepted, memory or
 'crash: <exception>'. Its address space is capped at argv[1] bytes above its size once
 warm, so a mutant that allocates beyond that shows as 'memory', not as a stalled machine."""
 from __future__ import annotations
@@ -18,14 +19,19 @@ def _vm_size() -> int:
 
 
 def main() -> None:
+    from qmoefmt.testing import fuzz_checkpoint
     from qmoefmt.testing.fuzz import examine
     import qmoefmt.backends.cpu  # noqa: F401 - compile-load the kernels before the cap
+    import qmoefmt.pack  # noqa: F401 - and the packer's modules, torch among them
+    import torch  # noqa: F401
     limit = _vm_size() + int(sys.argv[1])
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     print("ready", flush=True)
     for line in sys.stdin:
+        target, _, path = line.rstrip("\n").rpartition("\t")
         try:
-            answer = examine(Path(line.strip()))
+            answer = (fuzz_checkpoint.examine(Path(path), target) if target
+                      else examine(Path(path)))
         except MemoryError:
             answer = "memory"
         except RecursionError as e:
