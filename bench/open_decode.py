@@ -11,7 +11,12 @@ process after a first round. Building the store is not timed (85 s for 10,000 te
 on two shared cores; --store keeps it for the next run). Target: open + list + decode
 under 1 s, cold.
 
-    python bench/open_decode.py [--tensors 10000] [--bits ternary|2] [--reps 5] [--store DIR]
+--layout zip packs the single-file form (spec §15; the baseline then reads the root
+member with Python's zipfile) and reports the files per tensor beside the directory
+form's: the format issue's target is at most 1 file per 50 tensors for 20,000 tensors.
+
+    python bench/open_decode.py [--tensors 10000] [--bits ternary|2] [--layout directory|zip]
+                                [--reps 5] [--store DIR]
 """
 from __future__ import annotations
 
@@ -54,7 +59,7 @@ def build(store: Path, n: int, bits: str) -> None:
     tensors = {f"blocks.{i // 100}.mlp.experts.expert_{i % 100}.wi.weight":
                torch.from_numpy(rng.standard_normal(SHAPE, dtype=np.float32) / 32)
                for i in range(n)}
-    ckpt = store.with_suffix(".safetensors")
+    ckpt = store.with_name(store.name.split(".")[0] + ".safetensors")
     save_file(tensors, str(ckpt))
     total = sum(t.nbytes for t in tensors.values())      # what pack's progress counts
     with tqdm(total=total, unit="B", unit_scale=True, desc="build", file=sys.stderr) as bar:
@@ -74,7 +79,12 @@ def steps(store: Path) -> list[tuple[str, float]]:
         out.append((name, now - t))
         t = now
 
-    json.loads((store / "zarr.json").read_bytes())
+    if store.suffix == ".zip":
+        import zipfile
+        with zipfile.ZipFile(store) as z:
+            json.loads(z.read("zarr.json"))
+    else:
+        json.loads((store / "zarr.json").read_bytes())
     lap("root json")
     st = qmoefmt.open(store)
     lap("open")
@@ -108,10 +118,13 @@ def report(store: Path, c: dict, w: dict, reps: int) -> None:
 
     import qmoefmt
 
-    n, size = len(qmoefmt.open(store)), (store / "zarr.json").stat().st_size
-    print(f"{n:,} tensors {SHAPE[0]}x{SHAPE[1]}, root index {size / 1e6:.1f} MB; median of "
-          f"{reps}, seconds, Numba {numba.get_num_threads()} threads; x = over the "
-          "root-json baseline")
+    st = qmoefmt.open(store)
+    n, size = len(st), (st.path / "zarr.json").stat().st_size
+    files = 1 if store.is_file() else sum(1 for p in store.rglob("*") if p.is_file())
+    print(f"{n:,} tensors {SHAPE[0]}x{SHAPE[1]}, root index {size / 1e6:.1f} MB, {files:,} "
+          f"files ({files / n * 50:.3g} per 50 tensors: target <= 1 for the single-file "
+          f"form); median of {reps}, seconds, Numba {numba.get_num_threads()} threads; "
+          "x = over the root-json baseline")
     print(f"  {'':24} {'cold':>8} {'x':>6} {'warm':>8} {'x':>6}")
     for k in STEPS:
         print(f"  {k:24} {c[k]:8.4f} {c[k] / c['root json']:6.1f} {w[k]:8.4f} "
@@ -129,11 +142,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tensors", type=int, default=10_000)
     ap.add_argument("--bits", choices=["ternary", "2"], default="ternary")
+    ap.add_argument("--layout", choices=["directory", "zip"], default="directory")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--store", type=Path, help="build the store here, or reuse it if it exists")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        store = args.store or Path(tmp) / "many.qmoe"
+        store = args.store or Path(tmp) / ("many.qmoe.zip" if args.layout == "zip" else "many.qmoe")
         if not store.exists():
             t = time.perf_counter()
             build(store, args.tensors, args.bits)

@@ -10,6 +10,7 @@ import functools
 import json
 import os
 import sys
+from pathlib import Path
 
 import click
 from tqdm import tqdm
@@ -104,7 +105,9 @@ def main():
 @clean_errors
 def pack(input_path, output, experts, preset, dictionary, method, calibration, act_order, device,
          bits, kbit_codec, group_size, resume, strict, as_json):
-    """Pack the checkpoint INPUT (safetensors, .pt/.bin, HDF5) into the store OUTPUT."""
+    """Pack the checkpoint INPUT (safetensors, .pt/.bin, HDF5) into the store OUTPUT: a
+    directory, or with a name ending in .zip the single-file form (spec §15), written in
+    OUTPUT.partial/ and archived once complete."""
     from qmoefmt.io.checkpoint import open_checkpoint
     from qmoefmt.pack import PackOptions, pack as run_pack
     from qmoefmt.pack.executor import fallback_words
@@ -387,6 +390,42 @@ def unpack(store, output, max_shard_size, force, as_json):
     else:
         files = f" in {len(out['files'])} files" if limit is not None else ""
         click.echo(f"wrote {out['tensors']} tensors to {output}{files}")
+
+
+@main.command()
+@click.argument("store", type=click.Path(exists=True))
+@click.argument("output", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print {output, form, files, bytes} as JSON.")
+@clean_errors
+def convert(store, output, as_json):
+    """Rewrite a complete STORE in the other form: a store directory as the single file
+    OUTPUT (a .zip, spec §15), or such a file as the directory OUTPUT. Every file of the
+    store is carried over byte for byte; STORE is left as it is."""
+    import qmoefmt
+    from qmoefmt.errors import QmoeError
+    from qmoefmt.store.archive import ArchivePath, extract_archive, write_archive
+
+    st = qmoefmt.open(store)       # complete and sound enough to open: no half stores moved
+    out = Path(output)
+    if out.exists():
+        raise QmoeError(f"{out}: already exists; convert writes a new file or directory")
+    if isinstance(st.path, ArchivePath):
+        archive = st.path.archive
+        with _bar(len(archive.members), "file", "convert") as bar:
+            size = extract_archive(archive, out, progress=bar.update)
+        form, files = "directory", len(archive.members)
+    else:
+        if out.suffix != ".zip":
+            raise click.BadParameter(f"{output}: the single-file form is named *.zip",
+                                     param_hint="OUTPUT")
+        files = sum(1 for p in Path(store).rglob("*") if p.is_file())
+        with _bar(files, "file", "convert") as bar:
+            size = write_archive(Path(store), out, progress=bar.update)
+        form = "archive"
+    if as_json:
+        click.echo(json.dumps({"output": str(out), "form": form, "files": files, "bytes": size}))
+    else:
+        click.echo(f"wrote {out} ({form}, {files} files, {size:,} bytes)")
 
 
 from .run import run  # noqa: E402 - registered last: run.py imports the helpers above

@@ -48,7 +48,8 @@ def small_ckpt(tmp_path_factory) -> Path:
 
 # ------------------------------------------------------------------ help
 
-@pytest.mark.parametrize("command", [[], ["pack"], ["inspect"], ["verify"], ["unpack"]])
+@pytest.mark.parametrize("command", [[], ["pack"], ["inspect"], ["verify"], ["unpack"], ["convert"],
+                                     ["calibrate"], ["run"]])
 def test_help(command):
     r = run(*command, "--help")
     assert r.exit_code == 0, r.output

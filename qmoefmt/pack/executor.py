@@ -9,6 +9,7 @@ creation costs ~0.5 ms a call here, 15 a tensor).
 from __future__ import annotations
 
 import math
+import shutil
 import threading
 import time
 from collections import deque
@@ -16,8 +17,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ..errors import QmoeError
 from ..format import constants as C
 from ..io.checkpoint import open_checkpoint
+from ..store.archive import store_root, write_archive
 from ..store.files import read_root, tree_size
 from ..store.writer import StoreExistsError, StoreWriter, write_arrays
 from . import stages
@@ -57,6 +60,23 @@ def _check_resume(output_path, meta: dict) -> None:
             + "; ".join(f"--{k.replace('_', '-')} {_flag_value(k, now.get(k))} (interrupted: "
                         f"{_flag_value(k, old['pack'].get(k))})" for k in differ)
             + "; resume with its settings or start over in a new directory")
+
+
+def staging(output_path) -> tuple[Path, Path | None]:
+    """(the directory the writer writes, the archive made from it once complete, or None).
+    An OUTPUT ending in .zip is the single-file form (spec §15): the store is written, and
+    resumed, in OUTPUT.partial/, archived at the end, and the directory removed."""
+    out = Path(output_path)
+    if out.suffix == ".zip":
+        return out.with_name(out.name + ".partial"), out
+    return out, None
+
+
+def _complete(root: Path) -> bool:
+    try:
+        return read_root(root).get("complete") is True
+    except QmoeError:
+        return False
 
 
 def _refuse_fallbacks(found: list, where, written: bool) -> None:
@@ -199,21 +219,36 @@ def pack(input_path, output_path, options: PackOptions, resume: bool = False,
         known = known_fallbacks(plan, calibration) if strict and calibration is not None else []
         if known:
             _refuse_fallbacks(known, options.calibration, written=False)
+        work, archive = staging(output_path)
+        if archive is not None and archive.exists():
+            raise StoreExistsError(f"{archive}: already exists" + (
+                " and is complete (an archive is made only once its store is)" if resume
+                else "; remove it or pack into another file"))
         if resume:
-            _check_resume(output_path, plan.meta)
-        writer = StoreWriter(output_path, plan.meta, resume=resume)
-        try:
-            records = _run(plan, options, writer, calibration, resume, summary, progress)
-            summary.count_fallbacks(records)
-            if strict and summary.fallback_tensors:
-                _refuse_fallbacks(summary.fallback_tensors, output_path, written=True)
-            writer.commit(records)
-        finally:
-            writer.close()
+            _check_resume(work, plan.meta)
+        if resume and archive is not None and _complete(work):
+            # killed while the archive was being made: the store is done, make it again
+            done = read_root(work)
+            summary.resumed_tensors = len(done["tensors"])
+            summary.dictionaries = sorted(e["id"] for e in done["dictionaries"])
+            summary.count_fallbacks(done["tensors"])
+        else:
+            writer = StoreWriter(work, plan.meta, resume=resume)
+            try:
+                records = _run(plan, options, writer, calibration, resume, summary, progress)
+                summary.count_fallbacks(records)
+                if strict and summary.fallback_tensors:
+                    _refuse_fallbacks(summary.fallback_tensors, output_path, written=True)
+                writer.commit(records)
+            finally:
+                writer.close()
+            summary.dictionaries = sorted(writer.dictionaries)
+        if archive is not None:
+            write_archive(work, archive)
+            shutil.rmtree(work)
     summary.skipped = [list(t) for t in plan.skipped]
-    summary.dictionaries = sorted(writer.dictionaries)
     summary.attachments = [e["name"] for e in plan.meta.get("attachments", [])]
-    summary.store_bytes = tree_size(output_path)
+    summary.store_bytes = tree_size(store_root(output_path))
     summary.seconds = time.perf_counter() - t0
     return summary
 

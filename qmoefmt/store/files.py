@@ -15,6 +15,7 @@ from ..format import constants as C
 from ..format import metadata as M
 from ..format.constants import MAX_NODE_METADATA, MAX_ROOT_METADATA
 from ..format.records import check_shape, check_version
+from .archive import ArchivePath, map_chunk
 
 
 def read_metadata(path: Path, limit: int, missing: str = "missing") -> bytes:
@@ -103,10 +104,7 @@ def check_array_file(root: Path, node: str, desc: dict, check_crc: bool = True,
         raise FormatError(str(chunk), "chunk is not a file")
     if size != nbytes:
         raise FormatError(str(chunk), f"{size} bytes, expected {nbytes} for shape {list(shp)} {dt}")
-    if shp == ():
-        arr = np.fromfile(chunk, dtype=npdt, count=1).reshape(())
-    else:
-        arr = np.memmap(chunk, dtype=npdt, mode="r", shape=shp)
+    arr = map_chunk(chunk, npdt, shp)
     if check_crc and M.crc32c(memoryview(arr.reshape(-1).view(np.uint8))) != crc:
         raise FormatError(str(chunk), "crc32c mismatch: the data was modified or damaged")
     return arr
@@ -121,6 +119,9 @@ def file_size(p: Path) -> int:
         return 0
 
 
-def tree_size(root: Path) -> int:
-    """Bytes of every file under `root`."""
+def tree_size(root) -> int:
+    """Bytes of every file under `root` (of the archive, for one)."""
+    if isinstance(root, ArchivePath):
+        return root.archive.size if not root.key else sum(
+            p.stat().st_size for p in root.rglob("*") if p.is_file())
     return sum(p.stat().st_size for p in Path(root).rglob("*") if p.is_file())

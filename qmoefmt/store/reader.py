@@ -23,6 +23,7 @@ from ..format import metadata as M
 from ..format import records as records_
 from ..format import source as source_
 from ..format.constants import MAX_DICTIONARIES, MAX_TENSORS
+from .archive import store_root
 from .files import check_array_file, file_size, load_json, read_root
 
 
@@ -175,7 +176,7 @@ class Store:
     """A read-only store. Iterate for tensor names; `store[name]` is a `Tensor`."""
 
     def __init__(self, path, allow_incomplete: bool = False):
-        self.path = Path(path)
+        self.path = store_root(path)
         self.meta = read_root(self.path)
         records_.root_members(self.meta, str(self.path / C.ROOT_META))
         self.format_version: str = self.meta["format_version"]

@@ -101,6 +101,6 @@ def summarize(store: Store, pattern: str | None = None, levels: bool = False,
         "layers": group_by_layer(rows),
         "experts": _sizes(experts, sum(r["bytes"] for r in experts),
                           sum(r["array_bytes"] for r in experts)),
-        "dictionary_bytes": tree_size(Path(store.path) / C.DICTIONARIES),
+        "dictionary_bytes": tree_size(store.path / C.DICTIONARIES),
         "total": _total(store, rows, pattern),
     }

@@ -18,6 +18,7 @@ from ..errors import FormatError, IncompleteStoreError, QmoeError
 from ..format import constants as C
 from ..format import metadata as M
 from ..format import records as R
+from .archive import ArchivePath
 from .files import check_array_file, read_metadata
 from .reader import Store
 from .version import needed_version
@@ -166,6 +167,9 @@ def verify(path, deep: bool = False, progress=None, on_open=None, on_note=None) 
                         "store is incomplete: its pack did not finish (use pack --resume)")]
     except QmoeError as e:
         return [Problem(getattr(e, "where", str(root)), getattr(e, "what", str(e)))]
+    root = store.path                # the directory, or the archive's root (spec §15)
+    if isinstance(root, ArchivePath):
+        problems.extend(Problem(w, what) for w, what in root.archive.structure_problems())
     if on_open:
         on_open(len(store))
     used = {store.record(n)["codec"] for n in store}

@@ -29,12 +29,14 @@ _CHILD = textwrap.dedent("""
         count[0] += 1
         return real(path, data, *a, **kw)
     W._write_file = dying
-    pack(ckpt, out, PackOptions(**json.loads(options)), resume=Path(out).exists())
+    from qmoefmt.pack.executor import staging
+    pack(ckpt, out, PackOptions(**json.loads(options)), resume=staging(out)[0].exists())
 """)
 
 
 def kill_at(ckpt: Path, out: Path, n: int, mode: str, options: dict) -> int:
-    """Runs the pack of `ckpt` into `out` (resuming if `out` exists) in a child killed at
+    """Runs the pack of `ckpt` into `out` (resuming if its directory exists: `out`, or for
+    an archive `out`.partial) in a child killed at
     write `n`; returns its exit status (-9 when the kill came, 0 when the pack finished
     first)."""
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))

@@ -1,0 +1,438 @@
+"""The single-file form of a store (spec §15): a ZIP archive of the store's files, each
+member stored uncompressed with its data aligned to 64 bytes, so that a chunk is a byte
+range of one file, memory-mapped like a chunk file; zarr-python's ZipStore and
+tensorstore's zip kvstore read it as the same Zarr hierarchy.
+
+The archive's structure (headers, padding, central directory, end records) is a function
+of its members' names, sizes and CRC-32s: `layout` computes it for the writer, and
+`Archive.structure_problems` compares every structural byte with it for verify. Reading
+validates the end records and central directory before any member is used, and a
+member's local header before its bytes are.
+
+`store_root(path)` gives a directory store's Path, or for an archive an `ArchivePath`:
+the few pathlib operations the reader and verify use, over the archive's members."""
+from __future__ import annotations
+
+import mmap
+import os
+import shutil
+import stat
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import FormatError, LimitError
+
+LOCAL_SIG, CENTRAL_SIG, END_SIG = 0x04034B50, 0x02014B50, 0x06054B50
+ZIP64_END_SIG, ZIP64_LOCATOR_SIG = 0x06064B50, 0x07064B50
+LOCAL = struct.Struct("<IHHHHHIIIHH")            # 30 bytes
+CENTRAL = struct.Struct("<IHHHHHHIIIHHHHHII")    # 46 bytes
+END = struct.Struct("<IHHHHIIH")                 # 22 bytes
+ZIP64_END = struct.Struct("<IQHHIIQQQQ")         # 56 bytes
+ZIP64_LOCATOR = struct.Struct("<IIQI")           # 20 bytes
+ALIGN = 64
+PAD_ID = 0xD935                 # the zipalign extra field: alignment (2 bytes), then zeros
+ZIP64_ID = 0x0001
+FLAGS = 0x0800                  # bit 11: names are UTF-8
+DOS_TIME, DOS_DATE = 0, 0x0021  # 1980-01-01 00:00, the earliest a ZIP can say
+VERSION, VERSION_ZIP64 = 20, 45
+U16, U32 = 0xFFFF, 0xFFFFFFFF
+MAGIC = struct.pack("<I", LOCAL_SIG)
+
+
+def is_archive(path: Path) -> bool:
+    try:
+        if not path.is_file():
+            return False
+        with open(path, "rb") as f:
+            return f.read(4) == MAGIC
+    except (OSError, ValueError):
+        return False
+
+
+def store_root(path) -> Path | "ArchivePath":
+    """What the reader walks: the directory, or the archive's root."""
+    p = Path(path)
+    return ArchivePath(Archive(p), "") if is_archive(p) else p
+
+
+# ------------------------------------------------------------------ layout
+
+def _local(name: bytes, size: int, crc: int, offset: int) -> bytes:
+    zip64 = size >= U32 or offset >= U32
+    extra = struct.pack("<HHQQ", ZIP64_ID, 16, size, size) if zip64 else b""
+    base = offset + LOCAL.size + len(name) + len(extra)
+    pad = 6 + (-(base + 6)) % ALIGN
+    extra += struct.pack("<HHH", PAD_ID, pad - 4, ALIGN) + bytes(pad - 6)
+    small = U32 if zip64 else size
+    return LOCAL.pack(LOCAL_SIG, VERSION_ZIP64 if zip64 else VERSION, FLAGS, 0, DOS_TIME,
+                      DOS_DATE, crc, small, small, len(name), len(extra)) + name + extra
+
+
+def _central(name: bytes, size: int, crc: int, offset: int) -> bytes:
+    zip64 = size >= U32 or offset >= U32
+    extra = struct.pack("<HHQQQ", ZIP64_ID, 24, size, size, offset) if zip64 else b""
+    version = VERSION_ZIP64 if zip64 else VERSION
+    small, at = (U32, U32) if zip64 else (size, offset)
+    return CENTRAL.pack(CENTRAL_SIG, version, version, FLAGS, 0, DOS_TIME, DOS_DATE, crc,
+                        small, small, len(name), len(extra), 0, 0, 0, 0, at) + name + extra
+
+
+def _end(entries: int, cd_size: int, cd_offset: int) -> bytes:
+    if entries < U16 and cd_size < U32 and cd_offset < U32:
+        return END.pack(END_SIG, 0, 0, entries, entries, cd_size, cd_offset, 0)
+    end64_at = cd_offset + cd_size
+    return (ZIP64_END.pack(ZIP64_END_SIG, ZIP64_END.size - 12, VERSION_ZIP64, VERSION_ZIP64,
+                           0, 0, entries, entries, cd_size, cd_offset)
+            + ZIP64_LOCATOR.pack(ZIP64_LOCATOR_SIG, 0, end64_at, 1)
+            + END.pack(END_SIG, 0, 0, U16, U16, U32, U32, 0))
+
+
+def layout(members):
+    """members: (name bytes, size, crc32) in archive order. Returns ([(offset of local
+    header, header bytes)], offset of the central directory, central directory and end
+    records as bytes): everything in the archive but the members' data."""
+    headers, offset = [], 0
+    for name, size, crc in members:
+        h = _local(name, size, crc, offset)
+        headers.append((offset, h))
+        offset += len(h) + size
+    central = b"".join(_central(n, s, c, at) for (n, s, c), (at, _) in zip(members, headers))
+    return headers, offset, central + _end(len(members), len(central), offset)
+
+
+def order(keys) -> list[str]:
+    """Members in archive order: by their names' UTF-8 bytes."""
+    return sorted(keys, key=lambda k: k.encode("utf-8", "surrogatepass"))
+
+
+def write_archive(src: Path, out: Path, progress=None) -> int:
+    """The archive of the complete store directory `src`, written to `out` (through a
+    temporary name, flushed, then renamed). Returns its size in bytes."""
+    files = {p.relative_to(src).as_posix(): p for p in src.rglob("*") if p.is_file()}
+    keys = order(files)
+    sizes = [files[k].stat().st_size for k in keys]
+    tmp = out.with_name(f"{out.name}.partial.{os.getpid()}")
+    members = []
+    try:
+        with open(tmp, "wb") as f:
+            for key, size in zip(keys, sizes):
+                name = key.encode("utf-8")
+                at = f.tell()
+                f.write(_local(name, size, 0, at))
+                crc = 0
+                with open(files[key], "rb") as g:
+                    while block := g.read(1 << 22):
+                        crc = zlib.crc32(block, crc)
+                        f.write(block)
+                end = f.tell()
+                if end - at - size != len(_local(name, size, 0, at)):
+                    raise OSError(f"{files[key]}: changed while it was archived")
+                f.seek(at + 14)          # the CRC-32 field of the local header
+                f.write(struct.pack("<I", crc))
+                f.seek(end)
+                members.append((name, size, crc))
+                if progress:
+                    progress(1)
+            _, cd_offset, tail = layout(members)
+            assert f.tell() == cd_offset
+            f.write(tail)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return out.stat().st_size
+
+
+def extract_archive(archive: "Archive", out: Path, progress=None) -> int:
+    """The archive's members as a store directory at `out` (staged in OUT.partial/, then
+    renamed): the same files, byte for byte. Returns the bytes written."""
+    tmp = out.with_name(f"{out.name}.partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    total = 0
+    try:
+        for key in archive.members:
+            dst = tmp.joinpath(*key.split("/"))
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            data = archive.view(key)
+            with open(dst, "wb") as f:
+                f.write(memoryview(data))
+            total += data.size
+            if progress:
+                progress(1)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return total
+
+
+# ------------------------------------------------------------------ reading
+
+class Archive:
+    """A store archive, its central directory validated (spec §15)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        where = str(self.path)
+        try:
+            with open(self.path, "rb") as f:
+                self.size = os.fstat(f.fileno()).st_size
+                self.map = (np.frombuffer(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ),
+                                          np.uint8) if self.size else np.zeros(0, np.uint8))
+        except OSError as e:
+            raise FormatError(where, f"cannot be read ({e.strerror or e})") from None
+        self.entries, self.cd_offset, self.cd_end = self._end_records(where)
+        self.members: dict[str, tuple[int, int, int]] = {}     # key -> (header at, size, crc)
+        self._read_central(where)
+        self.dirs = {""}
+        for key in self.members:
+            parts = key.split("/")
+            self.dirs.update("/".join(parts[:i]) for i in range(1, len(parts)))
+        self._data: dict[str, int] = {}
+
+    def _bytes(self, at: int, n: int) -> bytes:
+        return self.map[at:at + n].tobytes()
+
+    def _end_records(self, where: str) -> tuple[int, int, int]:
+        if self.size < END.size:
+            raise FormatError(where, "not a store archive: too short for a ZIP end record")
+        sig, disk, cd_disk, n_disk, n, cd_size, cd_offset, comment = END.unpack(
+            self._bytes(self.size - END.size, END.size))
+        if sig != END_SIG or comment != 0:
+            raise FormatError(where, "not a store archive: no ZIP end record in its last 22 "
+                                     "bytes (an archive comment is not allowed, spec §15)")
+        if disk or cd_disk or n_disk != n:
+            raise FormatError(where, "a multi-disk ZIP archive (spec §15 allows one file)")
+        cd_end = self.size - END.size
+        if n == U16 or cd_size == U32 or cd_offset == U32:
+            at = self.size - END.size - ZIP64_LOCATOR.size
+            if at < 0:
+                raise FormatError(where, "ZIP64 end locator missing")
+            lsig, _, end64_at, disks = ZIP64_LOCATOR.unpack(self._bytes(at, ZIP64_LOCATOR.size))
+            if lsig != ZIP64_LOCATOR_SIG or disks != 1 or end64_at != at - ZIP64_END.size:
+                raise FormatError(where, "ZIP64 end locator missing or not just before the "
+                                         "end record")
+            (esig, _, _, _, d, dcd, n_disk, n, cd_size, cd_offset) = ZIP64_END.unpack(
+                self._bytes(end64_at, ZIP64_END.size))
+            if esig != ZIP64_END_SIG or d or dcd or n_disk != n:
+                raise FormatError(where, "ZIP64 end record is not valid")
+            cd_end = end64_at
+        if cd_offset + cd_size != cd_end:
+            raise FormatError(where, f"central directory at {cd_offset} of {cd_size} bytes "
+                                     f"does not end where the end records begin ({cd_end})")
+        if n > cd_size // CENTRAL.size:
+            raise LimitError(where, f"{n} members cannot fit a central directory of "
+                                    f"{cd_size} bytes")
+        return n, cd_offset, cd_end
+
+    def _read_central(self, where: str) -> None:
+        cd = self._bytes(self.cd_offset, self.cd_end - self.cd_offset)
+        p = 0
+        for i in range(self.entries):
+            if p + CENTRAL.size > len(cd):
+                raise FormatError(where, f"central directory entry {i} runs past its end")
+            (sig, _, _, flags, method, _, _, crc, csize, usize, n, e, c, _, _, _,
+             at) = CENTRAL.unpack_from(cd, p)
+            if sig != CENTRAL_SIG:
+                raise FormatError(where, f"central directory entry {i}: bad signature")
+            if p + CENTRAL.size + n + e + c > len(cd):
+                raise FormatError(where, f"central directory entry {i} runs past its end")
+            raw = cd[p + CENTRAL.size:p + CENTRAL.size + n]
+            extra = cd[p + CENTRAL.size + n:p + CENTRAL.size + n + e]
+            p += CENTRAL.size + n + e + c
+            try:
+                key = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise FormatError(where, f"member {i}: name is not UTF-8") from None
+            at_where = f"{where}/{key}"
+            if method != 0 or flags & 0x0009:
+                raise FormatError(at_where, "member is compressed, encrypted or has a data "
+                                            "descriptor (spec §15: stored only)")
+            if usize == U32 or csize == U32 or at == U32:
+                usize, csize, at = _zip64(extra, usize, csize, at, at_where)
+            if csize != usize:
+                raise FormatError(at_where, "stored member whose sizes differ")
+            _check_key(key, at_where)
+            if key in self.members:
+                raise FormatError(at_where, "member appears twice in the archive")
+            if at + LOCAL.size + usize > self.cd_offset:
+                raise FormatError(at_where, "member's data would run into the central directory")
+            self.members[key] = (at, usize, crc)
+        if p != len(cd):
+            raise FormatError(where, f"{len(cd) - p} bytes after the last central directory "
+                                     "entry")
+
+    def data_offset(self, key: str) -> int:
+        """Where a member's bytes begin, its local header checked against the directory."""
+        if key in self._data:
+            return self._data[key]
+        at, size, crc = self.members[key]
+        where = f"{self.path}/{key}"
+        (sig, _, flags, method, _, _, lcrc, csize, usize, n, e) = LOCAL.unpack(
+            self._bytes(at, LOCAL.size))
+        name = self._bytes(at + LOCAL.size, n)
+        if sig != LOCAL_SIG or name != key.encode("utf-8") or method != 0 or flags & 0x0009:
+            raise FormatError(where, "local header does not match the central directory")
+        if lcrc != crc or (csize, usize) not in ((size, size), (U32, U32)):
+            raise FormatError(where, "local header's CRC or sizes differ from the central "
+                                     "directory's")
+        start = at + LOCAL.size + n + e
+        if start + size > self.cd_offset:
+            raise FormatError(where, "member's data would run into the central directory")
+        self._data[key] = start
+        return start
+
+    def view(self, key: str) -> np.ndarray:
+        """A member's bytes, uint8, mapped."""
+        start = self.data_offset(key)
+        return self.map[start:start + self.members[key][1]]
+
+    def structure_problems(self) -> list[tuple[str, str]]:
+        """(where, what) for each structural byte range that differs from the canonical
+        archive of these members (spec §15): with the data checked by the store's own
+        CRCs, every byte of the file is then accounted for."""
+        keys = list(self.members)
+        where = str(self.path)
+        if keys != order(keys):
+            return [(where, "members are not in the order of their names' UTF-8 bytes")]
+        members = []
+        for key in keys:
+            try:
+                data = self.view(key)
+            except FormatError as e:
+                return [(e.where, e.what)]
+            members.append((key.encode("utf-8"), data.size, zlib.crc32(data)))
+        headers, cd_offset, tail = layout(members)
+        out = []
+        for key, (at, want) in zip(keys, headers):
+            if self._bytes(at, len(want)) != want or self.members[key][0] != at:
+                out.append((f"{where}/{key}", "local header is not the canonical one "
+                                              "(spec §15): its fields, padding or CRC-32"))
+        if cd_offset != self.cd_offset or self.size != cd_offset + len(tail):
+            out.append((where, "members, padding or end records are not where the "
+                               "canonical archive has them (spec §15)"))
+        elif self._bytes(cd_offset, len(tail)) != tail:
+            out.append((where, "central directory or end records are not the canonical "
+                               "ones (spec §15)"))
+        return out
+
+
+def _zip64(extra: bytes, usize: int, csize: int, at: int, where: str):
+    p = 0
+    while p + 4 <= len(extra):
+        hid, n = struct.unpack_from("<HH", extra, p)
+        if hid == ZIP64_ID:
+            fields = extra[p + 4:p + 4 + n]
+            vals, q = [], 0
+            for v in (usize, csize, at):
+                if v == U32:
+                    if q + 8 > len(fields):
+                        raise FormatError(where, "ZIP64 extra field too short")
+                    vals.append(struct.unpack_from("<Q", fields, q)[0])
+                    q += 8
+                else:
+                    vals.append(v)
+            return tuple(vals)
+        p += 4 + n
+    raise FormatError(where, "sizes say ZIP64 but there is no ZIP64 extra field")
+
+
+def _check_key(key: str, where: str) -> None:
+    parts = key.split("/")
+    if (not key or "\\" in key or "\0" in key or any(s in ("", ".", "..") for s in parts)):
+        raise FormatError(where, "member name is not a store key (spec §15: relative, '/'-"
+                                 "separated, no empty, '.' or '..' segment)")
+
+
+# ------------------------------------------------------------------ paths
+
+class _Stat:
+    def __init__(self, size: int, mode: int):
+        self.st_size, self.st_mode = size, mode
+
+
+class ArchivePath:
+    """A key of an archive, with the pathlib operations the reader and verify use."""
+
+    def __init__(self, archive: Archive, key: str):
+        self.archive, self.key = archive, key
+
+    def __truediv__(self, other) -> "ArchivePath":
+        other = str(other)
+        return ArchivePath(self.archive, f"{self.key}/{other}" if self.key else other)
+
+    def __str__(self) -> str:
+        return f"{self.archive.path}/{self.key}" if self.key else str(self.archive.path)
+
+    def __repr__(self) -> str:
+        return f"ArchivePath({str(self)!r})"
+
+    def __eq__(self, other) -> bool:
+        return (isinstance(other, ArchivePath) and other.archive is self.archive
+                and other.key == self.key)
+
+    def __hash__(self) -> int:
+        return hash((id(self.archive), self.key))
+
+    def __lt__(self, other) -> bool:
+        return self.key < other.key
+
+    @property
+    def name(self) -> str:
+        return self.key.rsplit("/", 1)[-1]
+
+    def is_file(self) -> bool:
+        return self.key in self.archive.members
+
+    def is_dir(self) -> bool:
+        return self.key in self.archive.dirs
+
+    def exists(self) -> bool:
+        return self.is_file() or self.is_dir()
+
+    def stat(self) -> _Stat:
+        if self.is_file():
+            return _Stat(self.archive.members[self.key][1], stat.S_IFREG | 0o444)
+        if self.is_dir():
+            return _Stat(0, stat.S_IFDIR | 0o555)
+        raise FileNotFoundError(str(self))
+
+    def read_bytes(self) -> bytes:
+        if not self.is_file():
+            raise FileNotFoundError(str(self))
+        return self.archive.view(self.key).tobytes()
+
+    def rglob(self, pattern: str):
+        assert pattern == "*"
+        prefix = f"{self.key}/" if self.key else ""
+        for key in sorted(self.archive.members.keys() | self.archive.dirs):
+            if key.startswith(prefix) and key != self.key:
+                yield ArchivePath(self.archive, key)
+
+    def glob(self, pattern: str):
+        """Only '*/NAME': the members NAME one level down."""
+        star, _, leaf = pattern.partition("/")
+        assert star == "*" and "/" not in leaf and "*" not in leaf
+        depth = self.key.count("/") + 2 if self.key else 1
+        for p in self.rglob("*"):
+            if p.key.count("/") == depth and p.name == leaf and p.is_file():
+                yield p
+
+
+def map_chunk(chunk, dtype: np.dtype, shape: tuple) -> np.ndarray:
+    """A chunk's values, mapped: from its file, or from its archive member (copied when the
+    member is not aligned to the data type, as another tool's archive may not be)."""
+    if isinstance(chunk, ArchivePath):
+        raw = chunk.archive.view(chunk.key)
+        if raw.ctypes.data % dtype.itemsize:
+            raw = raw.copy()
+        return raw.view(dtype).reshape(shape)
+    if shape == ():
+        return np.fromfile(chunk, dtype=dtype, count=1).reshape(())
+    return np.memmap(chunk, dtype=dtype, mode="r", shape=shape)
