@@ -20,6 +20,7 @@ Outputs:
   fixtures/conformance/<store>.safetensors expected symbols and values of every coded tensor
   fixtures/conformance/manifest.json       expected codeword stream hashes, dictionary ids
   fixtures/broken/<case>/, cases.json      copies of edge-trie.qmoe with one defect each
+  fixtures/rank/model.safetensors, rank*.qmoe   coded tensors of rank 1 and 0, one store a codec
 and the k-bit stores and their manifests below. LEGACY stores were packed by earlier
 versions, in earlier forms of the format, and are never regenerated; the manifests
 still cover them (their entries come out unchanged).
@@ -77,19 +78,50 @@ LEGACY_STORES = {
                                   ["--experts", "edge.*", "--bits", "2", "--group-size", "16",
                                    "--kbit-codec", "dict16", "--dictionary", "qmoe-2023"], "1.2"),
 }
+
+
+# Coded tensors of rank 1 and 0 (spec §1: one row), one store per codec. The packer
+# quantizes matrices only (a 1-D tensor selected as an expert is a user's mistake), so
+# make_rank packs each tensor viewed as [1, n] ([1, 1] for rank 0) and gives its record the
+# tensor's own shape: the arrays of a [1, n] tensor are an [n] tensor's, byte for byte.
+RANK_SHAPES = {"rank.vec": (77,), "rank.one": (1,), "rank.scalar": (), "rank.empty": (0,),
+               "rank.wide": (70001,)}
+RANK_STORES = {
+    "rank.qmoe": ("rank/model.safetensors", ["--experts", "rank.*", "--dictionary", "qmoe-2023"]),
+    "rank-2bit.qmoe": ("rank/model.safetensors",
+                       ["--experts", "rank.*", "--bits", "2", "--group-size", "16",
+                        "--kbit-codec", "packed"]),
+    "rank-2bit-dict16.qmoe": ("rank/model.safetensors",
+                              ["--experts", "rank.*", "--bits", "2", "--kbit-codec", "dict16",
+                               "--dictionary", "qmoe-2023"]),
+}
+
+
 OUTPUTS = ["switch-tiny", "edge", *STORES, "conformance", "broken", *UINT_STORES,
-           "conformance-uint", *UINT_DICT_STORES, "conformance-uint-dict"]
+           "conformance-uint", *UINT_DICT_STORES, "conformance-uint-dict", "rank", *RANK_STORES]
+
+
+def rows_cols(shape) -> tuple[int, int]:
+    """The matrix view of a tensor (spec §1): one row of one column for rank 0."""
+    return (int(np.prod(shape[:-1])), shape[-1]) if shape else (1, 1)
 
 
 def ternary_stores() -> dict:
     """store -> checkpoint of every ternary store a manifest covers, legacy ones too."""
     return {**{k: v[0] for k, v in STORES.items()},
-            **{k: v[0] for k, v in LEGACY_STORES.items() if "--bits" not in v[1]}}
+            **{k: v[0] for k, v in LEGACY_STORES.items() if "--bits" not in v[1]},
+            "rank.qmoe": RANK_STORES["rank.qmoe"][0]}
+
+
+def uint_stores() -> dict:
+    return {**{k: v[0] for k, v in UINT_STORES.items()},
+            "rank-2bit.qmoe": RANK_STORES["rank-2bit.qmoe"][0]}
 
 
 def uint_dict_stores() -> dict:
     return {**{k: v[0] for k, v in UINT_DICT_STORES.items()},
-            **{k: v[0] for k, v in LEGACY_STORES.items() if "--kbit-codec" in v[1]}}
+            **{k: v[0] for k, v in LEGACY_STORES.items() if "--kbit-codec" in v[1]},
+            "rank-2bit-dict16.qmoe": RANK_STORES["rank-2bit-dict16.qmoe"][0]}
 
 
 def _reference():
@@ -213,6 +245,58 @@ def make_edge(path: Path) -> None:
 
 # ------------------------------------------------------------------ packing
 
+def make_rank(path: Path) -> None:
+    rng = np.random.default_rng(77)
+    # bf16() goes through ascontiguousarray, which makes a 0-d array 1-d: reshape back
+    t = {name: bf16(rng.standard_normal(shape) * 0.05).reshape(shape)
+         for name, shape in RANK_SHAPES.items()}
+    t["rank.norm"] = bf16(np.ones(8))                      # dense, as a model's would be
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_torch(t, str(path), metadata={"format": "pt", "generator": "scripts/make_fixtures.py"})
+
+
+def pack_rank(store: str) -> None:
+    """RANK_STORES[store]: packed as matrices from a scratch copy of the checkpoint, then
+    each record given its tensor's shape and the plan digest recomputed for them."""
+    import hashlib
+    import tempfile
+
+    from qmoefmt import format as fmt
+    from qmoefmt.io.checkpoint import open_checkpoint
+    from qmoefmt.store.writer import _write_file
+    ckpt, args = RANK_STORES[store]
+    source = load_torch(str(FIX / ckpt))
+    with tempfile.TemporaryDirectory() as tmp:
+        scratch = Path(tmp) / "model.safetensors"
+        save_torch({k: v.reshape(1, -1) if k in RANK_SHAPES else v for k, v in source.items()},
+                   str(scratch), metadata={"format": "pt", "generator": "scripts/make_fixtures.py"})
+        run_cli(["pack", str(scratch), f"fixtures/{store}", *args])
+    root = FIX / store
+    meta = store_root(root)
+    for rec in meta["tensors"]:
+        if rec["name"] in RANK_SHAPES:
+            rec["shape"] = list(RANK_SHAPES[rec["name"]])
+            _write_file(root / rec["path"] / "zarr.json", fmt.node_doc(rec))
+    with open_checkpoint(FIX / ckpt) as c:
+        meta["plan"]["sha256"] = hashlib.sha256(fmt.dumps(
+            [[s.name, list(s.shape), s.dtype] for s in c.tensors()])).hexdigest()
+    del meta["checksum"]
+    _write_file(root / "zarr.json", fmt.root_doc(meta))
+
+
+def run_cli(argv: list[str]) -> None:
+    import os
+
+    from qmoefmt_cli.main import main as cli
+    print("$ qmoefmt", " ".join(argv), flush=True)
+    cwd = os.getcwd()
+    os.chdir(REPO)
+    try:
+        cli(argv, standalone_mode=False)
+    finally:
+        os.chdir(cwd)
+
+
 def pack(store: str) -> None:
     """`qmoefmt pack CKPT STORE ARGS...`, run in-process."""
     import os
@@ -285,11 +369,10 @@ def make_conformance(ref) -> None:
             name = rec["name"]
             w = source[name].float().numpy()
             shape = tuple(w.shape)
-            cols = shape[-1]
-            rows = int(np.prod(shape[:-1]))
+            rows, cols = rows_cols(shape)
             sym, scales, values = ref.reference_quantize(w.reshape(rows, cols))
-            vectors[f"{name}/symbols"] = np.ascontiguousarray(sym.reshape(shape))
-            vectors[f"{name}/values"] = np.ascontiguousarray(values.reshape(shape))
+            vectors[f"{name}/symbols"] = np.require(sym.reshape(shape), requirements="C")
+            vectors[f"{name}/values"] = np.require(values.reshape(shape), requirements="C")
             dict_entry = next(d for d in meta["dictionaries"] if d["id"] == rec["dictionary"])
             kind = dict_entry["kind"]
             if kind == "qmoe-2023":
@@ -687,7 +770,7 @@ def make_conformance_uint() -> None:
                                "on the source checkpoint) and packed q bytes of every "
                                "qmoe.uint-packed tensor of the 1.1 fixture stores.", "stores": {}}
     mismatches = []
-    for store_name, (ckpt, _) in UINT_STORES.items():
+    for store_name, ckpt in sorted(uint_stores().items()):
         store = FIX / store_name
         source = load_torch(str(FIX / ckpt))
         meta = store_root(store)
@@ -698,12 +781,11 @@ def make_conformance_uint() -> None:
             name = rec["name"]
             w = source[name].float().numpy()
             shape = tuple(w.shape)
-            cols = shape[-1]
-            rows = int(np.prod(shape[:-1]))
+            rows, cols = rows_cols(shape)
             q, scales, zeros, values = reference_kbit(w.reshape(rows, cols), rec["bits"],
                                                       rec["group_size"])
-            vectors[f"{name}/levels"] = np.ascontiguousarray(q.reshape(shape))
-            vectors[f"{name}/values"] = np.ascontiguousarray(values.reshape(shape))
+            vectors[f"{name}/levels"] = np.require(q.reshape(shape), requirements="C")
+            vectors[f"{name}/values"] = np.require(values.reshape(shape), requirements="C")
             packed = uintpack.pack_levels(q, rec["bits"])
             entry = {"shape": list(shape), "bits": rec["bits"], "group_size": rec["group_size"],
                      "q_sha256": sha256(packed), "zeros_sha256": sha256(zeros),
@@ -768,13 +850,12 @@ def make_conformance_uint_dict(ref) -> None:
             name = rec["name"]
             w = source[name].float().numpy()
             shape = tuple(w.shape)
-            cols = shape[-1]
-            rows = int(np.prod(shape[:-1]))
+            rows, cols = rows_cols(shape)
             q, scales, zeros, values = reference_kbit(w.reshape(rows, cols), rec["bits"],
                                                       rec["group_size"])
             signs, counts, ecols, elevels = reference_escapes(q, zeros, rec["group_size"])
-            vectors[f"{name}/levels"] = np.ascontiguousarray(q.reshape(shape))
-            vectors[f"{name}/values"] = np.ascontiguousarray(values.reshape(shape))
+            vectors[f"{name}/levels"] = np.require(q.reshape(shape), requirements="C")
+            vectors[f"{name}/values"] = np.require(values.reshape(shape), requirements="C")
             kind = next(d for d in meta["dictionaries"] if d["id"] == rec["dictionary"])["kind"]
             if kind == "qmoe-2023":
                 codes, row_codes = ref.reference_encode(signs)
@@ -829,6 +910,12 @@ def main() -> None:
         make_switch_tiny(FIX / "switch-tiny" / "model.safetensors")
     if "edge" in todo:
         make_edge(FIX / "edge" / "model.safetensors")
+    if "rank" in todo:
+        make_rank(FIX / "rank" / "model.safetensors")
+    for store in RANK_STORES:
+        if store in todo:
+            pack_rank(store)
+            check_store(store)
     for store in [*STORES, *UINT_STORES, *UINT_DICT_STORES]:
         if store in todo:
             pack(store)

@@ -77,7 +77,8 @@ def test_uint_manifest_covers_the_stores(fixture_store):
     assert set(UINT_STORES) == set(paths.UINT_STORES)
     for store in UINT_STORES:
         st = qmoefmt.open(fixture_store(store))
-        assert st.format_version == "1.1"
+        # the rank store's source carries safetensors metadata, recorded since 1.4
+        assert st.format_version == ("1.4" if store in paths.RANK_STORES else "1.1"), store
         coded = {n for n in st if st[n].codec == fmt.CODEC_UINT}
         assert coded == set(MANIFEST_UINT["stores"][store]["tensors"]), store
 

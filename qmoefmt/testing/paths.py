@@ -13,15 +13,20 @@ BROKEN = FIXTURES / "broken"
 MAKE_FIXTURES = REPO / "scripts" / "make_fixtures.py"
 
 # source checkpoints
-CHECKPOINTS = {name: FIXTURES / name / "model.safetensors" for name in ("switch-tiny", "edge")}
+CHECKPOINTS = {name: FIXTURES / name / "model.safetensors" for name in ("switch-tiny", "edge", "rank")}
 CHECKPOINTS["moe-tiny"] = REPO / CHECKOUT_MODEL        # the bundled demo model
 
 # the committed stores, by codec; the format version each declares beside it
 TERNARY_STORES = ("switch-tiny.qmoe", "edge-trie.qmoe", "edge-auto.qmoe",     # 1.4
-                  "switch-tiny-qmoe2023.qmoe", "edge.qmoe")                    # 1.0
-UINT_STORES = ("switch-tiny-2bit.qmoe", "edge-3bit-g16.qmoe")                  # 1.1
+                  "switch-tiny-qmoe2023.qmoe", "edge.qmoe",                    # 1.0
+                  "rank.qmoe")                                                 # 1.4
+UINT_STORES = ("switch-tiny-2bit.qmoe", "edge-3bit-g16.qmoe",                  # 1.1
+               "rank-2bit.qmoe")                                               # 1.4
 UINT_DICT_STORES = ("switch-tiny-2bit-dict16.qmoe",                            # 1.4
-                    "edge-2bit-g16-dict16.qmoe")                               # 1.2
+                    "edge-2bit-g16-dict16.qmoe",                               # 1.2
+                    "rank-2bit-dict16.qmoe")                                   # 1.4
+# coded tensors of rank 1 and 0, one store a codec (spec §1)
+RANK_STORES = ("rank.qmoe", "rank-2bit.qmoe", "rank-2bit-dict16.qmoe")
 STORES = TERNARY_STORES + UINT_STORES + UINT_DICT_STORES
 # written by earlier versions, in their forms (dictionaries as §5.6 tables): never repacked
 LEGACY_STORES = ("switch-tiny-qmoe2023.qmoe", "edge.qmoe", "edge-2bit-g16-dict16.qmoe")
