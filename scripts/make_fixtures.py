@@ -299,18 +299,8 @@ def run_cli(argv: list[str]) -> None:
 
 def pack(store: str) -> None:
     """`qmoefmt pack CKPT STORE ARGS...`, run in-process."""
-    import os
-
-    from qmoefmt_cli.main import main as cli
     ckpt, args = {**STORES, **UINT_STORES, **UINT_DICT_STORES}[store]
-    argv = ["pack", f"fixtures/{ckpt}", f"fixtures/{store}", *args]
-    print("$ qmoefmt", " ".join(argv), flush=True)
-    cwd = os.getcwd()
-    os.chdir(REPO)
-    try:
-        cli(argv, standalone_mode=False)
-    finally:
-        os.chdir(cwd)
+    run_cli(["pack", f"fixtures/{ckpt}", f"fixtures/{store}", *args])
 
 
 def check_store(store: str) -> None:
