@@ -31,6 +31,7 @@ import argparse
 import hashlib
 import json
 import shutil
+import tempfile
 import sys
 from pathlib import Path
 
@@ -477,8 +478,10 @@ def make_broken(ref) -> None:
     from qmoefmt.dictionaries.qmoe2023 import build_qmoe2023
     from qmoefmt.dictionaries import compact
     from qmoefmt.dictionaries.tables import TABLES, stored_content_id
+    from qmoefmt.testing.broken import tree_sha256, write_overlay
 
     src = FIX / "edge-trie.qmoe"
+    whole = Path(tempfile.mkdtemp(prefix="qmoefmt-broken-"))   # whole copies; committed: overlays
     root = FIX / "broken"
     root.mkdir(parents=True, exist_ok=True)
     # sanity: re-signing an untouched store reproduces it byte for byte
@@ -490,10 +493,11 @@ def make_broken(ref) -> None:
     cases: dict[str, dict] = {}
 
     def case(name, defect, expect, open_expect, deep_only=False, base=src):
-        dst = root / name
+        dst = whole / name
         shutil.copytree(base, dst)
         cases[name] = {"defect": defect, "expect": expect, "open_expect": open_expect,
-                       "deep_only": deep_only}
+                       "deep_only": deep_only, "base": base.relative_to(FIX).as_posix(),
+                       "base_sha256": tree_sha256(base)}
         return Store(dst)
 
     odd = "edge.odd"            # [9, 77]: odd width, a few codewords per row
@@ -717,6 +721,10 @@ def make_broken(ref) -> None:
     s.record(odd)["path"] = "tensors/."
     s.write_root()
 
+    for name, c in cases.items():
+        (root / name).mkdir()
+        c["removed"] = write_overlay(whole / name, FIX / c["base"], root / name)
+    shutil.rmtree(whole)
     (root / "cases.json").write_text(json.dumps(cases, indent=1, sort_keys=True) + "\n")
 
 

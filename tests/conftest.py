@@ -4,9 +4,12 @@ exists (a parametrize list, a skipif) imports it from there. Tests never import 
 other or this file: what they share lives in qmoefmt.testing."""
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from qmoefmt.testing import paths
+from qmoefmt.testing.broken import materialize
 
 # Labels only: nothing is skipped or deselected by default. `-m "not slow"` etc. select.
 MARKERS = {
@@ -22,10 +25,11 @@ def pytest_configure(config):
 
 
 @pytest.fixture(scope="session")
-def broken_dir():
-    """fixtures/broken: copies of edge-trie.qmoe (one of the 1.0 edge.qmoe) with one
-    defect each (cases.json)."""
-    return paths.BROKEN
+def broken_dir(tmp_path_factory):
+    """The broken stores, built from fixtures/broken's overlays: copies of edge-trie.qmoe
+    (one of the 1.0 edge.qmoe) with one defect each (cases.json)."""
+    cases = json.loads((paths.BROKEN / "cases.json").read_text())
+    return materialize(paths.FIXTURES, cases, tmp_path_factory.mktemp("broken"))
 
 
 @pytest.fixture(scope="session")
