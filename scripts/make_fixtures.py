@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import shutil
 import tempfile
 import sys
@@ -38,6 +39,7 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 import torch
+from safetensors.numpy import load_file as load_numpy
 from safetensors.numpy import save_file as save_numpy
 from safetensors.torch import load_file as load_torch
 from safetensors.torch import save_file as save_torch
@@ -333,6 +335,24 @@ def read_chunk(store: Path, rec: dict, name: str) -> np.ndarray:
     return np.frombuffer(raw, dt).reshape(desc["shape"])
 
 
+def save_vectors(out: Path, store_name: str, vectors: dict) -> str:
+    """Write a store's expected arrays, or find them already written: stores packed from one
+    checkpoint with one quantizer expect the same values whatever their codec's stream or
+    dictionary, and one file serves them all. Returns the file's path relative to `out`
+    (its manifest's directory), as the manifest's `vectors` gives it."""
+    def same(f: Path) -> bool:
+        have = load_numpy(str(f))
+        return have.keys() == vectors.keys() and all(
+            have[k].dtype == v.dtype and have[k].shape == v.shape
+            and have[k].tobytes() == v.tobytes() for k, v in vectors.items())
+    for f in sorted(FIX.glob("conformance*/*.safetensors")):
+        if same(f):
+            return os.path.relpath(f, out)
+    name = f"{store_name.removesuffix('.qmoe')}.safetensors"
+    save_numpy(vectors, str(out / name), metadata={"store": store_name})
+    return name
+
+
 def make_conformance(ref) -> None:
     out = FIX / "conformance"
     out.mkdir(parents=True, exist_ok=True)
@@ -401,10 +421,8 @@ def make_conformance(ref) -> None:
             for k, v in got.items():
                 if entry[k] != v:
                     mismatches.append(f"{store_name}: {name}: {k}: expected {entry[k]}, store has {v}")
-        save_numpy(vectors, str(out / f"{store_name.removesuffix('.qmoe')}.safetensors"),
-                   metadata={"store": store_name})
         manifest["stores"][store_name] = {
-            "vectors": f"{store_name.removesuffix('.qmoe')}.safetensors",
+            "vectors": save_vectors(out, store_name, vectors),
             "checkpoint": ckpt,
             "tensors": entries,
         }
@@ -795,9 +813,7 @@ def make_conformance_uint() -> None:
             for k, v in got.items():
                 if entry[k] != v:
                     mismatches.append(f"{store_name}: {name}: {k} differs from the reference")
-        save_numpy(vectors, str(out / f"{store_name.removesuffix('.qmoe')}.safetensors"),
-                   metadata={"store": store_name})
-        manifest["stores"][store_name] = {"vectors": f"{store_name.removesuffix('.qmoe')}.safetensors",
+        manifest["stores"][store_name] = {"vectors": save_vectors(out, store_name, vectors),
                                           "checkpoint": ckpt, "tensors": entries}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     if mismatches:
@@ -880,10 +896,8 @@ def make_conformance_uint_dict(ref) -> None:
             for k, v in got.items():
                 if entry[k] != v:
                     mismatches.append(f"{store_name}: {name}: {k} differs from the reference")
-        stem = store_name.removesuffix(".qmoe")
-        save_numpy(vectors, str(out / f"{stem}.safetensors"), metadata={"store": store_name})
-        manifest["stores"][store_name] = {"vectors": f"{stem}.safetensors", "checkpoint": ckpt,
-                                          "tensors": entries}
+        manifest["stores"][store_name] = {"vectors": save_vectors(out, store_name, vectors),
+                                          "checkpoint": ckpt, "tensors": entries}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     if mismatches:
         sys.exit("the packer disagrees with the reference:\n" + "\n".join(mismatches))
