@@ -20,6 +20,7 @@ from qmoefmt.errors import FormatError
 from qmoefmt.pack import PackOptions, pack
 from qmoefmt.store.verify import verify
 from qmoefmt.store.writer import write_array
+from qmoefmt.testing.versions import declare
 from qmoefmt_cli.main import main as cli
 
 DENSE = {"mask": torch.tensor([[True, False, True]]),
@@ -288,7 +289,7 @@ def test_unknown_members_at_the_stores_own_version_are_reported(store):
     lines = reported(store, "member 'extra' is not defined by the store's format_version")
     assert len(lines.splitlines()) == 4, lines
     assert "tensors/ids/data: array descriptor: member 'extra'" in lines
-    meta["format_version"] = "1.99"
+    declare(meta, "1.99")
     resign(store, meta)
     assert verify(store) == []
 

@@ -24,6 +24,7 @@ from qmoefmt.dictionaries.tables import Dictionary
 from qmoefmt.errors import QmoeError
 from qmoefmt.pack import PackOptions, pack
 from qmoefmt.store.verify import verify
+from qmoefmt.testing.versions import declare
 from qmoefmt.testing import paths
 from qmoefmt_cli.main import main as cli
 
@@ -316,7 +317,7 @@ def test_newer_minor_version_is_read(tmp_path, fixture_store):
     dst = tmp_path / "s.qmoe"
     shutil.copytree(fixture_store("edge.qmoe"), dst)
     meta = json.loads((dst / "zarr.json").read_bytes())["attributes"]["qmoefmt"]
-    meta["format_version"] = "1.99"
+    declare(meta, "1.99")
     meta["from_the_future"] = {"x": [1, 2]}
     _odd(meta)["also_new"] = True
     _resign(dst, meta)

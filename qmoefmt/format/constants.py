@@ -8,8 +8,8 @@ import numpy as np
 
 # §3 versions: the newest this code reads and writes. A store declares the lowest version
 # defining every codec and member it uses, so readers of older minors still open it.
-FORMAT_VERSION = "1.4"
-FORMAT_MAJOR, FORMAT_MINOR = 1, 4
+FORMAT_VERSION = "1.5"
+FORMAT_MAJOR, FORMAT_MINOR = 1, 5
 
 # §2, §7, §12, §13 codec ids
 CODEC_TERNARY = "qmoe.ternary-dict16"
@@ -26,6 +26,11 @@ ATTACHMENT_NAMES = (CONFIG, GENERATION_CONFIG)     # what pack records, when pre
 # §4.4 the root's `source.metadata`: a safetensors source's `__metadata__`, since 1.4
 SOURCE_METADATA_SINCE = "1.4"
 MAX_SOURCE_METADATA_BYTES = 65536      # as canonical JSON (§9)
+
+# §4.5 an array descriptor's `logical_dtype`, since 1.5: what a data type does not say, in
+# the index, so that every zarr.json is a function of the index for any codec (§10)
+LOGICAL_DTYPE_SINCE = "1.5"
+LOGICAL_DTYPES = ("bfloat16",)
 
 # §2 node names
 TENSORS = "tensors"
@@ -101,7 +106,7 @@ __all__ = [
     "MAX_NODE_METADATA", "MAX_RANK", "MAX_ELEMENTS", "MAX_TENSORS", "MAX_DICTIONARIES",
     "MAX_NAME_BYTES", "MAX_ATTACHMENTS", "MAX_ATTACHMENT_BYTES", "MAX_ATTACHMENT_NAME",
     "ATTACHMENTS_SINCE", "CONFIG", "GENERATION_CONFIG", "ATTACHMENT_NAMES",
-    "SOURCE_METADATA_SINCE", "MAX_SOURCE_METADATA_BYTES", "CODEWORDS",
+    "SOURCE_METADATA_SINCE", "LOGICAL_DTYPE_SINCE", "LOGICAL_DTYPES", "MAX_SOURCE_METADATA_BYTES", "CODEWORDS",
     "MAX_STATES", "MAX_NNZ", "KIND_QMOE2023", "KIND_GOLOMB", "COMPACT_DICTIONARIES_SINCE",
     "DICTIONARY_KINDS", "KBIT_BITS",
     "TERNARY", "GRIDS", "GPTQ_DAMP", "GPTQ_ACT_ORDER", "index_dtype", "version_tuple"

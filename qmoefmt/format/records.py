@@ -29,7 +29,7 @@ ROOT_MEMBERS = {"format_version", "complete", "checksum", "writer", "pack", "pla
 OBJECT_MEMBERS = {"writer": {"name", "version"}, "plan": {"tensors", "sha256"},
                   "source": {"format", "name", "metadata"}}
 RECORD_MEMBERS = {"name", "path", "shape", "dtype", "codec", "arrays", "source_sha256"}
-DESCRIPTOR_MEMBERS = {"data_type", "shape", "crc32c"}
+DESCRIPTOR_MEMBERS = {"data_type", "shape", "crc32c", "logical_dtype"}
 ATTACHMENT_MEMBERS = {"name", "size", "sha256", "text"}
 
 
@@ -85,6 +85,9 @@ def check_arrays_index(arrays, where: str) -> None:
         if (not isinstance(desc, dict) or not isinstance(desc.get("data_type"), str)
                 or not isinstance(desc.get("crc32c"), int) or isinstance(desc.get("crc32c"), bool)):
             raise FormatError(where, f"array {name!r}: malformed descriptor")
+        if "logical_dtype" in desc and desc["logical_dtype"] not in C.LOGICAL_DTYPES:
+            raise FormatError(where, f"array {name!r}: logical_dtype {_brief(desc['logical_dtype'])} "
+                                     f"is not one of {list(C.LOGICAL_DTYPES)} (spec §4.5)")
         check_shape(desc.get("shape"), f"{where}: array {name!r}", "shape")
 
 

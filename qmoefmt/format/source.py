@@ -5,8 +5,8 @@ members need (§3)."""
 from __future__ import annotations
 
 from ..errors import FormatError, LimitError
-from .constants import (ATTACHMENTS_SINCE, MAX_SOURCE_METADATA_BYTES, SOURCE_METADATA_SINCE,
-                        version_tuple)
+from .constants import (ATTACHMENTS_SINCE, LOGICAL_DTYPE_SINCE, MAX_SOURCE_METADATA_BYTES,
+                        SOURCE_METADATA_SINCE, version_tuple)
 from .metadata import dumps
 
 
@@ -33,4 +33,13 @@ def lowest_version(version: str, meta: dict) -> str:
         needs.append(ATTACHMENTS_SINCE)
     if isinstance(meta.get("source"), dict) and "metadata" in meta["source"]:
         needs.append(SOURCE_METADATA_SINCE)
+    if any("logical_dtype" in d for d in _descriptors(meta)):
+        needs.append(LOGICAL_DTYPE_SINCE)
     return max(needs, key=version_tuple)
+
+
+def _descriptors(meta: dict):
+    for key in ("tensors", "dictionaries"):
+        for entry in meta.get(key) or []:
+            arrays = entry.get("arrays") if isinstance(entry, dict) else None
+            yield from (d for d in (arrays or {}).values() if isinstance(d, dict))

@@ -199,6 +199,9 @@ class Store:
         self._dict_entries = {}
         for i, e in enumerate(dicts):
             cid = records_.dictionary_entry(e, i, where)
+            if any("logical_dtype" in d for d in e["arrays"].values()):
+                raise FormatError(where, f"dictionary {cid!r}: an array with a logical_dtype "
+                                         "(dictionary tables have none, spec §4.6)")
             if cid in self._dict_entries:
                 raise FormatError(where, f"dictionary {cid!r} listed twice")
             self._dict_entries[cid] = e
@@ -312,7 +315,25 @@ class Store:
         if missing:
             raise FormatError(f"{self.path}/{r['path']}", f"tensor {name!r}: member "
                               f"{missing[0]!r} missing, which codec {unit.id} requires (spec §4.5)")
+        self._check_logical_dtypes(name, r, unit)
         return Tensor(self, r, unit)
+
+    @property
+    def logical_dtypes_in_index(self) -> bool:
+        """Since 1.5 the index says which arrays hold bfloat16 bits (§4.5); before, only
+        their codecs do."""
+        return C.version_tuple(self.format_version) >= C.version_tuple(C.LOGICAL_DTYPE_SINCE)
+
+    def _check_logical_dtypes(self, name: str, r: dict, unit: codecs.Codec) -> None:
+        """The bits are reinterpreted by what the codec says: an index that says otherwise
+        describes another store than the decoder reads."""
+        for a, desc in r["arrays"].items():
+            if self.logical_dtypes_in_index or "logical_dtype" in desc:
+                want, got = unit.logical_dtype(a, r["dtype"]), desc.get("logical_dtype")
+                if got != want:
+                    raise FormatError(f"{self.path}/{r['path']}", f"tensor {name!r}: array "
+                                      f"{a!r} has logical_dtype {got!r} in the index; codec "
+                                      f"{unit.id} makes it {want!r} (spec §4.5)")
 
     def tensors(self):
         for name in self._records:

@@ -45,13 +45,19 @@ def _expect_bytes(path: Path, expected: bytes, problems: list, what: str) -> Non
 
 
 def _check_arrays(root: Path, node: str, arrays: dict, unit: codecs.Codec | None,
-                  dtype: str | None, problems: list, expected_files: set) -> None:
+                  dtype: str | None, problems: list, expected_files: set,
+                  from_index: bool) -> None:
+    """`from_index`: the store's index records logical dtypes (1.5), so every array
+    document follows from it, whatever the codec; before, the codec says."""
     for name, desc in arrays.items():
         base = root / node / name
         expected_files.add(base / "zarr.json")
         try:
             shape = desc["shape"]
-            ld = unit.logical_dtype(name, dtype) if unit else None
+            if from_index:
+                ld = desc.get("logical_dtype")
+            else:
+                ld = unit.logical_dtype(name, dtype) if unit else None
             _expect_bytes(base / "zarr.json", M.array_doc(desc["data_type"], shape, ld),
                           problems, "array metadata")
             if M.has_chunk(shape):
@@ -189,7 +195,8 @@ def verify(path, deep: bool = False, progress=None, on_open=None, on_note=None) 
         expected_files.add(root / node / "zarr.json")
         _expect_bytes(root / node / "zarr.json", M.node_doc(entry), problems,
                       "dictionary metadata")
-        _check_arrays(root, node, entry["arrays"], None, None, problems, expected_files)
+        _check_arrays(root, node, entry["arrays"], None, None, problems, expected_files,
+                      store.logical_dtypes_in_index)
         try:
             d = store.dictionary(entry["id"])
         except FormatError as e:
@@ -209,7 +216,7 @@ def verify(path, deep: bool = False, progress=None, on_open=None, on_note=None) 
         try:
             _expect_bytes(root / node / "zarr.json", M.node_doc(t), problems, "tensor metadata")
             _check_arrays(root, node, t["arrays"], codecs.get(t.get("codec")), t.get("dtype"),
-                          problems, expected_files)
+                          problems, expected_files, store.logical_dtypes_in_index)
             problems.extend(_check_record(store, name, deep))
         except (TypeError, ValueError, KeyError, AttributeError, OSError) as e:
             # the reader type-checks the index; this catches what slips past it
