@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import struct
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -231,3 +232,141 @@ def test_an_archive_of_another_tool_opens_but_does_not_verify(tmp_path, small_ar
         assert np.array_equal(st[t].decode(), ref[t].decode())
     lines = [str(x) for x in verify(p)]
     assert lines and all("canonical" in ln for ln in lines), lines
+
+
+# ------------------------------------------------------------------ the central directory
+# Archive reads it with numpy (`_central_fast`) and, where that refuses it, entry by entry
+# (`_read_central`, whose error names the entry and field): the first must accept only what
+# the second accepts, with the same members in the same order.
+
+def _unread(raw: bytes, path="x.zip") -> A.Archive:
+    """An Archive over `raw` with its end records read, its central directory not yet."""
+    ar = object.__new__(A.Archive)
+    ar.path, ar.size, ar.map = Path(path), len(raw), np.frombuffer(raw, np.uint8)
+    ar.entries, ar.cd_offset, ar.cd_end = ar._end_records(path)
+    return ar
+
+
+def _readings(raw: bytes):
+    """(vectorised, entry by entry) readings of raw's central directory, each its members as
+    a list of items or None where refused; None for both where the end records are."""
+    try:
+        ar = _unread(raw)
+    except FormatError:
+        return None, None
+    fast = ar._central_fast()
+    try:
+        slow = list(ar._read_central("x.zip").items())
+    except FormatError:
+        slow = None
+    return None if fast is None else list(fast.items()), slow
+
+
+def _assert_agree(raw: bytes, what=""):
+    fast, slow = _readings(raw)
+    assert fast is None or fast == slow, what
+    return fast, slow
+
+
+def _zip(files, central=A._central) -> bytes:
+    """An archive of (name bytes, data) in the given order, canonical but for that order and
+    the central entries `central` makes."""
+    members = [(n, len(d), zlib.crc32(d)) for n, d in files]
+    headers, cd_offset, _ = A.layout(members)
+    body = b"".join(h + d for (_, h), (_, d) in zip(headers, files))
+    cd = b"".join(central(n, s, c, at) for (n, s, c), (at, _) in zip(members, headers))
+    return body + cd + A._end(len(files), len(cd), cd_offset)
+
+
+def _central64(fields=("u", "c", "at"), before=b""):
+    """Central entries in ZIP64 form for the fields named (their 32-bit values 0xFFFFFFFF,
+    their 64-bit ones in a ZIP64 extra field after the extra fields `before`)."""
+    def central(name, size, crc, offset):
+        vals = {"u": size, "c": size, "at": offset}
+        z = b"".join(struct.pack("<Q", vals[f]) for f in ("u", "c", "at") if f in fields)
+        extra = before + struct.pack("<HH", A.ZIP64_ID, len(z)) + z
+        small = {f: A.U32 if f in fields else vals[f] for f in vals}
+        return A.CENTRAL.pack(A.CENTRAL_SIG, 45, 45, A.FLAGS, 0, 0, A.DOS_DATE, crc,
+                              small["c"], small["u"], len(name), len(extra), 0, 0, 0, 0,
+                              small["at"]) + name + extra
+    return central
+
+
+FILES = [(b"a/PK\x01\x02/zarr.json", b"{}" * 40), (b"a/b", b"PK\x01\x02" * 30),
+         (b"a/c\xc3\xa9", b""), (b"zarr.json", bytes(range(256)))]
+
+
+@pytest.mark.parametrize("name", paths.STORES)
+def test_the_vectorised_reading_is_the_entry_by_entry_one(name, archives):
+    raw = archives[name].read_bytes()
+    fast, slow = _readings(raw)
+    assert fast is not None and fast == slow
+    assert isinstance(A.Archive(archives[name]).members, A._Members)
+
+
+@pytest.mark.parametrize("central", [A._central, _central64(), _central64(("at",)),
+                                     _central64(("u", "c")), _central64(("c",)),
+                                     _central64(before=struct.pack("<HH", 0xCAFE, 3) + b"xyz")],
+                         ids=["plain", "zip64", "zip64-offset", "zip64-sizes",
+                              "zip64-csize", "zip64-second"])
+def test_zip64_entries_and_a_signature_in_a_name_read_alike(tmp_path, central):
+    raw = _zip(FILES, central)
+    fast, slow = _readings(raw)
+    assert fast is not None and fast == slow and [k for k, _ in fast] == [
+        n.decode() for n, _ in FILES]
+    p = tmp_path / "z.zip"
+    p.write_bytes(raw)
+    ar = A.Archive(p)
+    assert [ar.view(n.decode()).tobytes() for n, _ in FILES] == [d for _, d in FILES]
+    assert ar.dirs == {"", "a", "a/PK\x01\x02"}
+
+
+def test_names_and_order_are_checked_alike(tmp_path):
+    unsorted = [FILES[3], FILES[0], FILES[1]]
+    fast, slow = _readings(_zip(unsorted))
+    assert fast is not None and fast == slow           # another tool's order: read by dict
+    p = tmp_path / "u.zip"
+    p.write_bytes(_zip(unsorted))
+    assert isinstance(A.Archive(p).members, A._Members) and "a/b" in A.Archive(p).members
+    bad = {"twice": "appears twice", "a//b": "not a store key", "/a": "not a store key",
+           "a/": "not a store key", "./a": "not a store key", "a/..": "not a store key",
+           "a/../b": "not a store key", "": "not a store key", "a\\b": "not a store key",
+           "a\0b": "not a store key", "a\xff": "not UTF-8", "a\xc3": "not UTF-8"}
+    for name, error in bad.items():
+        if name == "twice":
+            files = [(b"a/b", b"1"), (b"a/b", b"2")]
+        else:
+            files = [(b"a/a", b"1"), (name.encode("latin-1"), b"2"), (b"b", b"")]
+        raw = _zip(files)
+        assert _readings(raw) == (None, None), name
+        p = tmp_path / "bad.zip"
+        p.write_bytes(raw)
+        with pytest.raises(FormatError, match=error) as e:
+            A.Archive(p)
+        assert str(p) in str(e.value) and "\n" not in str(e.value), name
+
+
+@pytest.mark.parametrize("many", [False, pytest.param(True, marks=pytest.mark.slow)],
+                         ids=["xor1", "many"])
+@pytest.mark.parametrize("central", [A._central, _central64(),
+                                     pytest.param(_central64(("at",)), marks=pytest.mark.slow)],
+                         ids=["plain", "zip64", "zip64-offset"])
+def test_every_change_of_the_central_directory_is_read_alike(central, many, small_archive):
+    """Each byte of the central directory and end records XOR 0x01 (or, slow, changed to
+    each of a few values): the vectorised reading refuses it or reads what the entry-by-
+    entry one does."""
+    src = zipfile.ZipFile(small_archive)
+    files = [(i.filename.encode(), src.read(i)) for i in src.infolist()] + FILES[:3]
+    raw = bytearray(_zip(files, central))
+    ar = _unread(bytes(raw))
+    accepted = refused = 0
+    for i in range(ar.cd_offset, len(raw)):
+        was = raw[i]
+        values = {was ^ 0x01, was ^ 0x80, 0x00, 0x2E, 0x2F, 0x50, 0xFF} if many else {was ^ 1}
+        for v in values - {was}:
+            raw[i] = v
+            fast, slow = _assert_agree(bytes(raw), (i, v))
+            accepted += fast is not None
+            refused += slow is None
+        raw[i] = was
+    assert accepted > 1000 * (1 + 3 * many) and refused > 400 * (1 + 9 * many)

@@ -13,12 +13,17 @@ member's local header before its bytes are.
 the few pathlib operations the reader and verify use, over the archive's members."""
 from __future__ import annotations
 
+import bisect
+import functools
+import itertools
 import mmap
+import operator
 import os
 import shutil
 import stat
 import struct
 import zlib
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -188,13 +193,23 @@ class Archive:
         except OSError as e:
             raise FormatError(where, f"cannot be read ({e.strerror or e})") from None
         self.entries, self.cd_offset, self.cd_end = self._end_records(where)
-        self.members: dict[str, tuple[int, int, int]] = {}     # key -> (header at, size, crc)
-        self._read_central(where)
-        self.dirs = {""}
-        for key in self.members:
-            parts = key.split("/")
-            self.dirs.update("/".join(parts[:i]) for i in range(1, len(parts)))
+        # key -> (header at, size, crc): vectorised, or entry by entry where that refuses
+        # the directory, for the one-line error naming the first bad entry and field
+        members = self._central_fast()
+        if members is None:
+            members = self._read_central(where)
+        self.members: Mapping[str, tuple[int, int, int]] = members
         self._data: dict[str, int] = {}
+
+    @functools.cached_property
+    def dirs(self) -> set[str]:
+        """Every directory the members imply, the root "" among them (computed when first
+        asked: opening and reading a store asks only for files and the root)."""
+        dirs, level = {""}, {k.rpartition("/")[0] for k in self.members}
+        while level := level - dirs:
+            dirs |= level
+            level = {d.rpartition("/")[0] for d in level}
+        return dirs
 
     def _bytes(self, at: int, n: int) -> bytes:
         return self.map[at:at + n].tobytes()
@@ -231,8 +246,115 @@ class Archive:
                                     f"{cd_size} bytes")
         return n, cd_offset, cd_end
 
-    def _read_central(self, where: str) -> None:
+    def _central_fast(self) -> _Members | None:
+        """The members, from the central directory read with numpy over the whole of it,
+        or None where any entry fails a check `_read_central` makes (or one this does not
+        make vectorised): that then reads it entry by entry and names the first problem.
+        What this accepts, `_read_central` accepts, with the same members in the same
+        order."""
+        cd = self.map[self.cd_offset:self.cd_end]
+        size, n = len(cd), self.entries
+        if n == 0 or size < CENTRAL.size:
+            return {} if n == 0 and size == 0 else None
+        # The entries: the chain from offset 0, each entry's lengths giving the next one,
+        # through the offsets holding the signature (with its 46 bytes in the directory).
+        # Offsets a name or extra field happens to hold the signature at are off the chain.
+        at = np.flatnonzero(cd[:size - CENTRAL.size + 1] == 0x50)
+        at = at[_window(cd, 4)[at].view("<u4")[:, 0] == CENTRAL_SIG]
+        if len(at) < n or at[0] != 0:
+            return None
+        e = _window(cd, CENTRAL.size)[at].view(_CENTRAL_DT)[:, 0]
+        nxt = at + CENTRAL.size + e["n"].astype(np.int64) + e["e"] + e["c"]
+        if len(at) != n or nxt[-1] != size or not np.array_equal(nxt[:-1], at[1:]):
+            j = np.minimum(np.searchsorted(at, nxt), len(at) - 1)
+            succ = np.where(at[j] == nxt, j, np.where(nxt == size, -1, -2)).tolist()
+            chain, k = [0], 0
+            for _ in range(n - 1):
+                k = succ[k]
+                if k < 0:
+                    return None
+                chain.append(k)
+            if succ[k] != -1:
+                return None
+            at, e = at[chain], e[chain]
+        if (e["method"] != 0).any() or (e["flags"] & 0x0009).any():
+            return None
+        usize, csize, offset = (e[f].astype(np.uint64) for f in ("usize", "csize", "at"))
+        if not self._zip64_fast(cd, at, e, usize, csize, offset):
+            return None
+        limit = self.cd_offset - LOCAL.size             # at + 30 + usize <= cd_offset
+        if (limit < 0 or not np.array_equal(csize, usize) or (offset > limit).any()
+                or (usize > np.uint64(limit) - offset).any()):
+            return None
+        # the names, back to back, each but the last followed by a NUL: UTF-8 store keys
+        nl = e["n"].astype(np.int64)
+        if not nl.all():
+            return None
+        start, span = at + CENTRAL.size, nl + 1
+        span[-1] -= 1
+        runs = np.empty(2 * n, np.int64)
+        runs[0], runs[2::2] = start[0], start[1:] - start[:-1] - span[:-1]
+        runs[1::2] = span
+        keep = np.repeat(np.tile(np.array([False, True]), n), runs)
+        names = cd[:len(keep)][keep]
+        sep = np.cumsum(span)[:-1] - 1
+        names[sep] = 0x2F
+        if not names.all() or (names == 0x5C).any():   # a NUL or a backslash in a name
+            return None
+        names[sep] = 0
+        # every segment of every key (split at '/' and at the NULs): not '', '.' or '..'
+        cut = np.flatnonzero((names == 0x2F) | (names == 0))
+        cut = np.concatenate(([-1], cut, [len(names)]))
+        seg = np.diff(cut) - 1
+        one, two = cut[:-1][seg == 1] + 1, cut[:-1][seg == 2] + 1
+        if (not seg.all() or (names[one] == 0x2E).any()
+                or ((names[two] == 0x2E) & (names[two + 1] == 0x2E)).any()):
+            return None
+        try:
+            keys = names.tobytes().decode("utf-8").split("\0")
+        except UnicodeDecodeError:
+            return None
+        members = _Members(keys, offset, usize, e["crc"].copy())
+        return members if members.unique() else None
+
+    @staticmethod
+    def _zip64_fast(cd, at, e, usize, csize, offset) -> bool:
+        """`_zip64` for every entry whose sizes or offset say ZIP64, in place; False where
+        one fails it."""
+        ks = np.flatnonzero((usize == U32) | (csize == U32) | (offset == U32))
+        if not len(ks):
+            return True
+        x = at[ks] + CENTRAL.size + e["n"][ks]              # each one's extra field
+        el = e["e"][ks].astype(np.int64)
+        want = np.stack([usize[ks] == U32, csize[ks] == U32, offset[ks] == U32])
+        q = 8 * (np.cumsum(want, axis=0) - want)            # each value's place in its field
+        # the usual case: the ZIP64 field comes first (as `layout` writes it)
+        head = _window(cd, 4)[np.minimum(x, len(cd) - 4)]
+        head = head.view("<u2")
+        first = (el >= 4) & (head[:, 0] == ZIP64_ID)
+        first &= 8 * want.sum(axis=0) <= np.minimum(head[:, 1], el - 4)
+        vals = np.zeros((3, len(ks)), np.uint64)
+        words = _window(cd, 8)
+        for f in range(3):
+            src = np.minimum(x + 4 + q[f], len(cd) - 8)
+            vals[f] = words[src].view("<u8")[:, 0]
+        for i in np.flatnonzero(~first).tolist():           # others: field by field
+            k, p = int(ks[i]), int(x[i])
+            try:
+                vals[:, i] = _zip64(cd[p:p + int(el[i])].tobytes(), int(usize[k]),
+                                    int(csize[k]), int(offset[k]), "")
+            except FormatError:
+                return False
+            want[:, i] = True
+        for f, arr in enumerate((usize, csize, offset)):
+            arr[ks] = np.where(want[f], vals[f], arr[ks])
+        return True
+
+    def _read_central(self, where: str) -> dict[str, tuple[int, int, int]]:
+        """The members, the central directory read entry by entry, refusing it at its first
+        problem; the reference for `_central_fast`."""
         cd = self._bytes(self.cd_offset, self.cd_end - self.cd_offset)
+        members: dict[str, tuple[int, int, int]] = {}
         p = 0
         for i in range(self.entries):
             if p + CENTRAL.size > len(cd):
@@ -259,14 +381,15 @@ class Archive:
             if csize != usize:
                 raise FormatError(at_where, "stored member whose sizes differ")
             _check_key(key, at_where)
-            if key in self.members:
+            if key in members:
                 raise FormatError(at_where, "member appears twice in the archive")
             if at + LOCAL.size + usize > self.cd_offset:
                 raise FormatError(at_where, "member's data would run into the central directory")
-            self.members[key] = (at, usize, crc)
+            members[key] = (at, usize, crc)
         if p != len(cd):
             raise FormatError(where, f"{len(cd) - p} bytes after the last central directory "
                                      "entry")
+        return members
 
     def data_offset(self, key: str) -> int:
         """Where a member's bytes begin, its local header checked against the directory."""
@@ -321,6 +444,57 @@ class Archive:
             out.append((where, "central directory or end records are not the canonical "
                                "ones (spec §15)"))
         return out
+
+
+class _Members(Mapping):
+    """key -> (local header at, size, CRC-32) of a central directory read by numpy: the
+    keys in directory order, found by bisection where that order is the canonical one
+    (then the keys are known distinct without a dict of them), else by a dict."""
+
+    def __init__(self, keys: list[str], at: np.ndarray, size: np.ndarray, crc: np.ndarray):
+        self._keys, self._at, self._size, self._crc = keys, at, size, crc
+        self._index: dict[str, int] | None = None
+        # str order is code point order, which is UTF-8 byte order: the archive's (§15)
+        if not all(map(operator.lt, keys, itertools.islice(keys, 1, None))):
+            self._index = dict(zip(keys, range(len(keys))))
+
+    def unique(self) -> bool:
+        return self._index is None or len(self._index) == len(self._keys)
+
+    def _find(self, key) -> int:
+        if self._index is not None:
+            return self._index.get(key, -1) if isinstance(key, str) else -1
+        if not isinstance(key, str):
+            return -1
+        i = bisect.bisect_left(self._keys, key)
+        return i if i < len(self._keys) and self._keys[i] == key else -1
+
+    def __getitem__(self, key) -> tuple[int, int, int]:
+        i = self._find(key)
+        if i < 0:
+            raise KeyError(key)
+        return int(self._at[i]), int(self._size[i]), int(self._crc[i])
+
+    def __contains__(self, key) -> bool:
+        return self._find(key) >= 0
+
+    def __iter__(self):
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
+_CENTRAL_DT = np.dtype({
+    "names": ["sig", "flags", "method", "crc", "csize", "usize", "n", "e", "c", "at"],
+    "formats": ["<u4", "<u2", "<u2", "<u4", "<u4", "<u4", "<u2", "<u2", "<u2", "<u4"],
+    "offsets": [0, 8, 10, 16, 20, 24, 28, 30, 32, 42], "itemsize": CENTRAL.size})
+
+
+def _window(buf: np.ndarray, n: int) -> np.ndarray:
+    """The n bytes at each offset of `buf` (a view): indexed by offsets, their copies, to
+    view as n-byte records."""
+    return np.lib.stride_tricks.sliding_window_view(buf, n)
 
 
 def _zip64(extra: bytes, usize: int, csize: int, at: int, where: str):
@@ -391,7 +565,7 @@ class ArchivePath:
         return self.key in self.archive.members
 
     def is_dir(self) -> bool:
-        return self.key in self.archive.dirs
+        return not self.key or self.key in self.archive.dirs     # the root without `dirs`
 
     def exists(self) -> bool:
         return self.is_file() or self.is_dir()
