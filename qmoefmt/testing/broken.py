@@ -9,28 +9,26 @@ import hashlib
 import shutil
 from pathlib import Path
 
-
-def _files(root: Path) -> dict[str, Path]:
-    return {p.relative_to(root).as_posix(): p for p in sorted(root.rglob("*")) if p.is_file()}
+from .trees import files_of
 
 
 def tree_sha256(root: Path) -> str:
     """SHA-256 over the sorted (path, SHA-256 of bytes) of every file under root."""
     h = hashlib.sha256()
-    for rel, p in _files(root).items():
-        h.update(rel.encode() + b"\0" + hashlib.sha256(p.read_bytes()).digest())
+    for rel, data in files_of(root).items():
+        h.update(rel.encode() + b"\0" + hashlib.sha256(data).digest())
     return h.hexdigest()
 
 
 def write_overlay(full: Path, base: Path, out: Path) -> list[str]:
     """Write into `out` the files of `full` that `base` lacks or holds with other bytes;
     return the base's files that `full` lacks (sorted)."""
-    have, orig = _files(full), _files(base)
-    for rel, p in have.items():
-        if rel not in orig or orig[rel].read_bytes() != p.read_bytes():
+    have, orig = files_of(full), files_of(base)
+    for rel, data in have.items():
+        if orig.get(rel) != data:
             dst = out / rel
             dst.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(p, dst)
+            dst.write_bytes(data)
     return sorted(set(orig) - set(have))
 
 
@@ -53,8 +51,8 @@ def materialize(fixtures: Path, cases: dict, into: Path) -> Path:
             if not any(d.iterdir()):      # git keeps no empty directory: neither do we
                 d.rmdir()
         overlay = fixtures / "broken" / name
-        for rel, p in _files(overlay).items():
+        for rel, data in files_of(overlay).items():
             target = dst / rel
             target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(p, target)
+            target.write_bytes(data)
     return into
