@@ -47,6 +47,16 @@ def check_version(version, where: str) -> None:
 
 
 def check_shape(value, where: str, field: str) -> tuple[int, ...]:
+    # one pass that only succeeds: opening a store checks ~4 shapes per tensor
+    if type(value) is list and len(value) <= MAX_RANK:
+        total = 1
+        for n in value:
+            if type(n) is not int or not 0 <= n <= MAX_ELEMENTS:
+                break
+            total *= n
+        else:
+            if total <= MAX_ELEMENTS:
+                return tuple(value)
     if not isinstance(value, list) or not all(isinstance(n, int) and not isinstance(n, bool)
                                               for n in value):
         raise FormatError(where, f"{field} is not a list of integers")
@@ -80,15 +90,25 @@ def check_arrays_index(arrays, where: str) -> None:
     if not isinstance(arrays, dict) or not arrays:
         raise FormatError(where, "arrays missing")
     for name, desc in arrays.items():
-        if not node_name_ok(name):
-            raise FormatError(where, f"bad array name {name!r}")
-        if (not isinstance(desc, dict) or not isinstance(desc.get("data_type"), str)
-                or not isinstance(desc.get("crc32c"), int) or isinstance(desc.get("crc32c"), bool)):
+        if name not in _ARRAY_NAMES_OK:
+            if not node_name_ok(name):
+                raise FormatError(where, f"bad array name {name!r}")
+            if len(_ARRAY_NAMES_OK) < 1024:
+                _ARRAY_NAMES_OK.add(name)
+        if (type(desc) is not dict or type(desc.get("data_type")) is not str
+                or type(desc.get("crc32c")) is not int):
             raise FormatError(where, f"array {name!r}: malformed descriptor")
         if "logical_dtype" in desc and desc["logical_dtype"] not in C.LOGICAL_DTYPES:
             raise FormatError(where, f"array {name!r}: logical_dtype {_brief(desc['logical_dtype'])} "
                                      f"is not one of {list(C.LOGICAL_DTYPES)} (spec §4.5)")
-        check_shape(desc.get("shape"), f"{where}: array {name!r}", "shape")
+        shape = desc.get("shape")
+        if (type(shape) is not list or len(shape) != 1 or type(shape[0]) is not int
+                or not 0 <= shape[0] <= MAX_ELEMENTS):
+            check_shape(shape, f"{where}: array {name!r}", "shape")
+
+
+# Array names already found good: a store repeats a handful of them in every record.
+_ARRAY_NAMES_OK: set[str] = set()
 
 
 def _is_int(v) -> bool:
@@ -144,30 +164,32 @@ def root_members(meta: dict, where: str) -> None:
 
 def tensor_record(r, i: int, where: str) -> str:
     """Checks index entry tensors[i]; returns its name. `where` names the root."""
-    if not isinstance(r, dict) or not isinstance(r.get("name"), str):
+    if type(r) is not dict or type(r.get("name")) is not str:
         raise FormatError(where, f"tensors[{i}]: not a tensor record")
     name = r["name"]
-    if len(name.encode()) > MAX_NAME_BYTES:
+    # counted as the writer counts (a JSON escape can spell a lone surrogate)
+    if (not (name.isascii() and len(name) <= MAX_NAME_BYTES)
+            and len(name.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES):
         raise LimitError(where, f"tensors[{i}]: name longer than {MAX_NAME_BYTES} bytes")
     tw = f"{where}: tensor {name!r}"
     check_node_path(r.get("path"), C.TENSORS, tw)
     check_shape(r.get("shape"), tw, "shape")
     for key in ("codec", "dtype"):
-        if not isinstance(r.get(key), str):
+        if type(r.get(key)) is not str:
             raise FormatError(tw, f"{key} is not a string")
     if r["dtype"] not in C.STORED_DTYPE:
         raise FormatError(tw, f"unknown dtype {r['dtype']!r}")
     check_arrays_index(r.get("arrays"), tw)
     sha = r.get("source_sha256")
-    if not (isinstance(sha, str) and _HEX64.fullmatch(sha)):
+    if not (type(sha) is str and _HEX64.fullmatch(sha)):
         raise FormatError(tw, "source_sha256 is not 64 lowercase hex digits")
-    if "dictionary" in r and not isinstance(r["dictionary"], str):
+    if "dictionary" in r and type(r["dictionary"]) is not str:
         raise FormatError(tw, "dictionary is not a string")
-    if "quantizer" in r and not isinstance(r["quantizer"], dict):
+    if "quantizer" in r and type(r["quantizer"]) is not dict:
         raise FormatError(tw, "quantizer is not an object")
     counts = r.get("symbol_counts")
-    if counts is not None and not (isinstance(counts, list) and len(counts) == 3 and all(
-            isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts)):
+    if counts is not None and not (type(counts) is list and len(counts) == 3 and all(
+            type(c) is int and c >= 0 for c in counts)):
         raise FormatError(tw, "symbol_counts is not 3 non-negative integers")
     return name
 
