@@ -31,10 +31,11 @@ QMOE2023_BYTES = sum(dt.itemsize * math.prod(shape) for _, dt, shape in
 
 
 @lru_cache(maxsize=1)
-def _qmoe_trie() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """qmoe-2023's trie as the rate estimate walks it: per codeword the symbols 0, 1, 2 of
-    its pairs after the first ([3, 65536]), its first pair, and which of the 9 pairs
-    extend it ([65536, 9])."""
+def _qmoe_trie() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """qmoe-2023's trie as the rate estimate walks it, its codewords grouped by first pair
+    (so that the chain is 9 short products): per codeword the symbols 0, 1, 2 of its pairs
+    after the first ([3, 65536]), its first pair, whether each of the 9 pairs does NOT
+    extend it ([65536, 9], 1.0 or 0.0), and where each first pair's group starts ([10])."""
     d = build_qmoe2023()
     prefix, pair = (d.stored[n].astype(np.int64) for n in ("prefix", "pair"))
     first = pair.copy()
@@ -47,7 +48,9 @@ def _qmoe_trie() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     extends = np.zeros((prefix.size, 9), bool)
     inner = prefix != np.arange(prefix.size)
     extends[prefix[inner], pair[inner]] = True
-    return later.astype(np.float64), first, extends
+    order = np.argsort(first, kind="stable")
+    return (np.ascontiguousarray(later[:, order], np.float64), first[order],
+            (~extends[order]).astype(np.float64), np.searchsorted(first[order], np.arange(10)))
 
 
 def qmoe2023_rate(p: np.ndarray) -> float:
@@ -56,12 +59,13 @@ def qmoe2023_rate(p: np.ndarray) -> float:
     starts the next codeword, so the parse is a Markov chain over that first pair: from
     the trie, each first pair's expected codeword length and the chain's next first pair,
     then the chain's stationary mix."""
-    later, first, extends = _qmoe_trie()
+    later, first, ends_on, group = _qmoe_trie()
     pp = np.outer(p, p).reshape(9)              # P(pair r = t0 + 3 t1) = p[t0] p[t1]
     reach = np.exp(np.log(np.maximum(p, 1e-300)) @ later)   # given its first pair
     length = np.bincount(first, reach, 9)       # expected pairs, per first pair
-    ends = reach[:, None] * (~extends) * pp[None, :]
-    chain = np.stack([np.bincount(first, ends[:, r], 9) for r in range(9)], axis=1)
+    # chain[f, r]: from first pair f, the codeword ends and pair r starts the next one
+    chain = np.stack([reach[group[f]:group[f + 1]] @ ends_on[group[f]:group[f + 1]]
+                      for f in range(9)]) * pp[None, :]
     w, v = np.linalg.eig(chain.T)
     pi = np.abs(np.real(v[:, np.argmin(np.abs(w - 1))]))
     pi /= pi.sum()
