@@ -70,7 +70,7 @@ def packed(tmp_path) -> Path:
 
 def test_round_trip(packed, tmp_path):
     st = qmoefmt.open(packed)
-    assert st.format_version == "1.4"          # its compact dictionary's (spec §5.7)
+    assert st.format_version == "1.5"          # its scales' logical dtypes (spec §4.5)
     assert st.attachments == ["config.json", "generation_config.json"]
     assert st.attachment("config.json") == CONFIG
     assert st.attachment("generation_config.json") == GENERATION
@@ -100,12 +100,14 @@ def test_only_config(tmp_path):
 
 
 @pytest.mark.parametrize("options, bare_version", [
-    (EXPERTS, "1.4"),                          # a compact dictionary: 1.4 already
-    (PackOptions(experts=("*.experts.*",), bits="2", kbit_codec="packed"), "1.1")])
+    # 1.5 already, past 1.3: the scales' logical dtypes in the index (spec §4.5)
+    (EXPERTS, "1.5"),
+    (PackOptions(experts=("*.experts.*",), bits="2", kbit_codec="packed"), "1.5")])
 def test_attachments_only_add_to_the_root(tmp_path, options, bare_version):
-    """Without attachments nothing changes (no member, the version as before 1.3); with
+    """Without attachments nothing changes (no member, the version as without them); with
     them every file but the root is the same, and the root differs by the member and the
-    version alone: a 1.2 reader, which ignores the member (spec §3), reads the same store."""
+    version alone (none, past 1.3 already): a reader that ignores the member (spec §3)
+    reads the same store."""
     pack(checkpoint(tmp_path / "a" / "ckpt"), tmp_path / "with", options)
     pack(checkpoint(tmp_path / "b" / "ckpt", None, None), tmp_path / "bare", options)
     with_, bare = files_of(tmp_path / "with"), files_of(tmp_path / "bare")
@@ -237,14 +239,14 @@ def test_pack_and_inspect_list_attachments(tmp_path):
     r = run("inspect", "--json", tmp_path / "s.qmoe")
     assert r.exit_code == 0, r.output
     s = json.loads(r.stdout)
-    assert s["format_version"] == "1.4"
+    assert s["format_version"] == "1.5"
     assert s["attachments"] == [
         {"name": "config.json", "bytes": len(CONFIG), "sha256": hashlib.sha256(CONFIG).hexdigest()},
         {"name": "generation_config.json", "bytes": len(GENERATION),
          "sha256": hashlib.sha256(GENERATION).hexdigest()}]
     r = run("inspect", tmp_path / "s.qmoe")
     assert f"  attachment config.json  {len(CONFIG):,} bytes  sha256:" in r.stdout
-    assert "qmoefmt format 1.4, complete" in r.stdout
+    assert "qmoefmt format 1.5, complete" in r.stdout
     bare = checkpoint(tmp_path / "bare", None, None)
     r = run("pack", bare, tmp_path / "b.qmoe", "--experts", "*.experts.*", "--json")
     assert json.loads(r.stdout)["attachments"] == []
@@ -288,8 +290,9 @@ def test_attachments_need_1_3(packed):
     st = qmoefmt.open(packed)          # read all the same: the reader knows the member
     assert st.config == json.loads(CONFIG)
     assert [p.what for p in verify(packed)] == [
-        "format_version 1.2 is not 1.4, the lowest defining the codecs used (qmoe.dense, "
-        "qmoe.ternary-dict16) and compact dictionaries (§5.7) and attachments (§14), spec §3"]
+        "format_version 1.2 is not 1.5, the lowest defining the codecs used (qmoe.dense, "
+        "qmoe.ternary-dict16) and compact dictionaries (§5.7) and attachments (§14) and "
+        "logical dtypes in the index (§4.5), spec §3"]
 
 
 def test_a_store_without_attachments_declaring_1_3_is_reported(tmp_path):
@@ -297,8 +300,9 @@ def test_a_store_without_attachments_declaring_1_3_is_reported(tmp_path):
     meta = dict(root_meta(tmp_path / "s.qmoe"), format_version="1.3")
     (tmp_path / "s.qmoe" / "zarr.json").write_bytes(fmt.root_doc(meta))
     assert [p.what for p in verify(tmp_path / "s.qmoe")] == [
-        "format_version 1.3 is not 1.4, the lowest defining the codecs used (qmoe.dense, "
-        "qmoe.ternary-dict16) and compact dictionaries (§5.7), spec §3"]
+        "format_version 1.3 is not 1.5, the lowest defining the codecs used (qmoe.dense, "
+        "qmoe.ternary-dict16) and compact dictionaries (§5.7) and logical dtypes in the "
+        "index (§4.5), spec §3"]
 
 
 def test_a_newer_minor_may_add_members_to_entries(packed):

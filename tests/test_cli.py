@@ -75,7 +75,7 @@ def test_inspect_json(store, fixture_store):
     r = run("inspect", "--json", path)
     assert r.exit_code == 0, r.output
     s = json.loads(r.stdout)
-    assert s["format_version"] == ("1.0" if store in paths.LEGACY_STORES else "1.4")
+    assert s["format_version"] == ("1.0" if store in paths.LEGACY_STORES else "1.5")
     assert s["complete"] is True
     manifest = conformance.manifest("conformance")
     coded = manifest["stores"][store]["tensors"]

@@ -21,9 +21,10 @@ def test_manifest_covers_the_fixture_stores(fixture_store):
     assert set(STORES) == set(paths.TERNARY_STORES)
     for store in STORES:
         st = qmoefmt.open(fixture_store(store))
-        # 1.0 stores hold their dictionaries as tables, 1.4 ones compact (spec §5.7)
+        # 1.0 stores hold their dictionaries as tables, 1.4 and 1.5 ones compact (spec §5.7)
         legacy = store in paths.LEGACY_STORES
-        assert st.format_version == ("1.0" if legacy else "1.4"), store
+        assert st.format_version == paths.FORMAT_VERSIONS[store], store
+        assert (st.format_version == "1.0") == legacy, store
         assert {e.get("form", "tables") == "tables" for e in st.meta["dictionaries"]} == {legacy}
         coded = {n for n in st if st[n].codec == fmt.CODEC_TERNARY}
         assert coded == set(MANIFEST["stores"][store]["tensors"]), store
@@ -77,8 +78,9 @@ def test_uint_manifest_covers_the_stores(fixture_store):
     assert set(UINT_STORES) == set(paths.UINT_STORES)
     for store in UINT_STORES:
         st = qmoefmt.open(fixture_store(store))
-        # the rank store's source carries safetensors metadata, recorded since 1.4
-        assert st.format_version == ("1.4" if store in paths.RANK_STORES else "1.1"), store
+        # the rank store was packed by a 1.5 writer (logical dtypes in the index, §4.5)
+        assert st.format_version == ("1.5" if store in paths.RANK_STORES else "1.1"), store
+        assert st.format_version == paths.FORMAT_VERSIONS[store], store
         coded = {n for n in st if st[n].codec == fmt.CODEC_UINT}
         assert coded == set(MANIFEST_UINT["stores"][store]["tensors"]), store
 
@@ -107,7 +109,8 @@ def test_uint_dict_manifest_covers_the_stores(fixture_store):
     kinds = set()
     for store in UDICT_STORES:
         st = qmoefmt.open(fixture_store(store))
-        assert st.format_version == ("1.2" if store in paths.LEGACY_STORES else "1.4")
+        assert st.format_version == ("1.2" if store in paths.LEGACY_STORES else "1.5")
+        assert st.format_version == paths.FORMAT_VERSIONS[store], store
         coded = {n for n in st if st[n].codec == fmt.CODEC_UINT_DICT}
         assert coded == set(MANIFEST_UDICT["stores"][store]["tensors"]), store
         kinds |= {e["stream_source"] for e in MANIFEST_UDICT["stores"][store]["tensors"].values()}

@@ -168,8 +168,10 @@ def test_trie_refusals():
     assert "states" in derive_problem("trie", good, 2, 3)
 
 
-def write_store(path, d: Dictionary, symbols: np.ndarray) -> None:
-    """A one-tensor store written through the writer with dictionary d as it is."""
+def write_store(path, d: Dictionary, symbols: np.ndarray, logical_dtypes: bool = True) -> None:
+    """A one-tensor store written through the writer with dictionary d as it is;
+    `logical_dtypes=False`: its index as a writer before 1.5 wrote it, without the scales'
+    logical dtype (spec §4.5), so that the version it declares is the dictionary's."""
     meta = {"writer": {"name": "test", "version": "0"}, "pack": {"experts": ["e.*"]},
             "plan": {"tensors": 1, "sha256": "0" * 64},
             "source": {"format": "safetensors", "name": "m.safetensors"}}
@@ -184,6 +186,9 @@ def write_store(path, d: Dictionary, symbols: np.ndarray) -> None:
               "source_sha256": "0" * 64, **members, "dictionary": w.add_dictionary(d),
               "quantizer": {"method": "rtn", "grid": "qmoe-ternary"}}
     record["arrays"] = write_arrays(w.root, record["path"], arrays)
+    if not logical_dtypes:
+        for desc in record["arrays"].values():
+            desc.pop("logical_dtype", None)
     w.finish_tensor(record)
     w.commit([record])
 
@@ -218,13 +223,14 @@ def test_reader_refuses_a_compact_form_of_the_wrong_kind(tmp_path):
 # ------------------------------------------------------------------ versions
 
 def test_tables_form_store_declares_1_0_and_verifies_deep(tmp_path):
-    """A store whose golomb-v2f dictionary is the tables form is what a 1.0 writer wrote:
-    it declares 1.0, opens, and verify --deep re-encodes it canonically (probability
-    numbering), as for the 1.0 fixtures made before 1.4."""
+    """A store whose golomb-v2f dictionary is the tables form (and whose index records no
+    logical dtypes, as before 1.5) is what a 1.0 writer wrote: it declares 1.0, opens, and
+    verify --deep re-encodes it canonically (probability numbering), as for the 1.0
+    fixtures made before 1.4."""
     d = build_golomb(0.8808, form="tables")
     rng = np.random.default_rng(3)
     sym = rng.choice(3, (8, 200), p=[0.88, 0.06, 0.06]).astype(np.int8)
-    write_store(tmp_path / "s", d, sym)
+    write_store(tmp_path / "s", d, sym, logical_dtypes=False)
     st = qmoefmt.open(tmp_path / "s")
     assert st.format_version == "1.0"
     assert "form" not in st.dictionary_entries[d.content_id]
@@ -237,7 +243,7 @@ def test_compact_store_declares_1_4(tmp_path):
     d = build_golomb(0.8808)
     rng = np.random.default_rng(4)
     sym = rng.choice(3, (8, 200), p=[0.88, 0.06, 0.06]).astype(np.int8)
-    write_store(tmp_path / "s", d, sym)
+    write_store(tmp_path / "s", d, sym, logical_dtypes=False)
     st = qmoefmt.open(tmp_path / "s")
     assert st.format_version == "1.4"
     entry = st.dictionary_entries[d.content_id]
@@ -292,6 +298,6 @@ def test_auto_shares_one_dictionary_on_a_small_model(tmp_path):
     save_file(t, str(tmp_path / "m.safetensors"))
     pack(tmp_path / "m.safetensors", tmp_path / "s.qmoe", PackOptions(experts=("e.*",)))
     st = qmoefmt.open(tmp_path / "s.qmoe")
-    assert st.format_version == "1.4"
+    assert st.format_version == "1.5"          # the scales' logical dtypes (spec §4.5)
     assert len(st.dictionary_entries) == 1
     assert verify(tmp_path / "s.qmoe", deep=True) == []

@@ -1,6 +1,7 @@
 """Format 1.5 (spec §4.5): array descriptors in the index carry `logical_dtype`, so every
 array document follows from the index whatever the codec (§10). The stores here are the
-committed switch-tiny.qmoe re-signed with the member added, as a 1.5 writer writes it."""
+committed switch-tiny.qmoe (packed by a 1.5 writer, the member in place; `declare` adds
+nothing it lacks) re-signed, then edited. The writer's side: test_logical_dtype_pack.py."""
 from __future__ import annotations
 
 import json

@@ -15,6 +15,7 @@ from click.testing import CliRunner
 from safetensors.torch import save_file
 
 import qmoefmt
+from qmoefmt import codecs
 from qmoefmt import format as fmt
 from qmoefmt.errors import FormatError
 from qmoefmt.pack import PackOptions, pack
@@ -392,12 +393,14 @@ def test_an_incomplete_store_skips_a_tensor_document_replaced_by_a_directory(sto
 # ------------------------------------------------------------------ data
 
 def _tamper(store: Path, name: str, array: str, fn) -> None:
-    """Rewrite one array of a tensor and re-sign everything: only the codec can tell."""
+    """Rewrite one array of a tensor and re-sign everything (its logical dtype kept, spec
+    §4.5): only the codec can tell."""
     meta = root_meta(store)
     rec = record(meta, name)
     arr = fn(np.array(qmoefmt.open(store)[name].array(array)))
     shutil.rmtree(store / rec["path"] / array)
-    rec["arrays"][array] = write_array(store, f"{rec['path']}/{array}", arr, None)
+    ld = codecs.get(rec["codec"]).logical_dtype(array, rec["dtype"])
+    rec["arrays"][array] = write_array(store, f"{rec['path']}/{array}", arr, ld)
     resign(store, meta)
 
 

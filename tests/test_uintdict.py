@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from safetensors.numpy import save_file
 
 import qmoefmt
+from qmoefmt import codecs
 from qmoefmt import format as fmt
 from qmoefmt.codecs import uint_dict16 as uintdict
 from qmoefmt.dictionaries.stream import decode_symbols, encode
@@ -112,7 +113,9 @@ def test_dict16_store_decodes_like_packed(ckpt, tmp_path, bits, group):
     pack(ckpt / "m.safetensors", tmp_path / "p", PackOptions(**base, kbit_codec="packed"))
     pack(ckpt / "m.safetensors", tmp_path / "d", PackOptions(**base, kbit_codec="dict16"))
     a, b = qmoefmt.open(tmp_path / "p"), qmoefmt.open(tmp_path / "d")
-    assert (a.format_version, b.format_version) == ("1.1", "1.4")   # 1.4: compact dictionary
+    # 1.5 both: their scales' logical dtypes in the index (spec §4.5; dict16's compact
+    # dictionary alone would make it 1.4, uint-packed alone 1.1)
+    assert (a.format_version, b.format_version) == ("1.5", "1.5")
     for name in a:
         want = fmt.CODEC_DENSE if "norm" in name else fmt.CODEC_UINT_DICT
         assert b[name].codec == want
@@ -126,7 +129,7 @@ def test_auto_keeps_small_models_packed_and_codes_large_ones(ckpt, tmp_path):
     small = tmp_path / "small"
     pack(ckpt / "m.safetensors", small, PackOptions(experts=("*experts*",), bits="2"))
     st = qmoefmt.open(small)
-    assert st.format_version == "1.1" and st.meta["dictionaries"] == []
+    assert st.format_version == "1.5" and st.meta["dictionaries"] == []
     assert {st[n].codec for n in st} == {fmt.CODEC_UINT, fmt.CODEC_DENSE}
     # 40 M weights: a dictionary pays for itself many times over
     rng = np.random.default_rng(0)
@@ -134,7 +137,7 @@ def test_auto_keeps_small_models_packed_and_codes_large_ones(ckpt, tmp_path):
     save_file(w, str(tmp_path / "big.safetensors"))
     pack(tmp_path / "big.safetensors", tmp_path / "big", PackOptions(experts=("e.*",), bits="2"))
     st = qmoefmt.open(tmp_path / "big")
-    assert st.format_version == "1.4"
+    assert st.format_version == "1.5"
     assert {st[n].codec for n in st} == {fmt.CODEC_UINT_DICT}
     # the sign stream of a Gaussian 2-bit expert: ~1.03 bits a weight against 2 packed
     t = st["e.0"]
@@ -175,7 +178,8 @@ def _tamper(store, name, array, fn):
     t = qmoefmt.open(store)[name]
     arr = fn(np.array(t.array(array)))
     shutil.rmtree(store / rec["path"] / array)
-    rec["arrays"][array] = write_array(store, f"{rec['path']}/{array}", arr, None)
+    ld = codecs.get(rec["codec"]).logical_dtype(array, rec["dtype"])    # kept (spec §4.5)
+    rec["arrays"][array] = write_array(store, f"{rec['path']}/{array}", arr, ld)
     (store / rec["path"] / "zarr.json").write_bytes(fmt.node_doc(rec))
     (store / "zarr.json").write_bytes(fmt.root_doc({k: v for k, v in root.items() if k != "checksum"}))
 
@@ -204,7 +208,7 @@ def test_version_must_match_codecs(ckpt, tmp_path):
     root = json.loads((store / "zarr.json").read_bytes())["attributes"]["qmoefmt"]
     root["format_version"] = "1.1"
     (store / "zarr.json").write_bytes(fmt.root_doc({k: v for k, v in root.items() if k != "checksum"}))
-    assert any("is not 1.4" in p.what for p in verify(store))
+    assert any("is not 1.5" in p.what for p in verify(store))
 
 
 def test_auto_skips_coding_when_escapes_alone_outweigh_packing(ckpt, tmp_path, monkeypatch):

@@ -15,6 +15,7 @@ from safetensors.numpy import load_file, save_file
 import qmoefmt
 from qmoefmt_cli.main import main
 from qmoefmt.io.unpack import OutputExistsError, parse_size, unpack
+from qmoefmt.format.source import lowest_version
 from qmoefmt.pack import PackOptions, pack
 from qmoefmt.store.verify import verify
 
@@ -49,7 +50,8 @@ def read_all(directory) -> dict[str, np.ndarray]:
 
 def test_source_metadata_is_recorded_and_written_back(store, tmp_path):
     assert store.source_metadata == {"format": "pt", "origin": "test"}
-    assert store.format_version == "1.4"            # source.metadata is a 1.4 member
+    # source.metadata is a 1.4 member; the scales' logical dtypes (spec §4.5) make it 1.5
+    assert store.format_version == "1.5"
     assert verify(store.path, deep=True) == []
     out = tmp_path / "d.safetensors"
     unpack(store, out)
@@ -64,7 +66,10 @@ def test_a_source_without_metadata_keeps_its_version(tmp_path):
                                                kbit_codec="packed"))
     st = qmoefmt.open(tmp_path / "s.qmoe")
     assert st.source_metadata is None and "metadata" not in st.meta["source"]
-    assert st.format_version == "1.3"                 # config.json attached, nothing newer
+    assert st.format_version == "1.5"                 # the scales' logical dtypes (§4.5)
+    # the root's members alone need 1.3: config.json attached, nothing newer
+    root_only = {k: v for k, v in st.meta.items() if k not in ("tensors", "dictionaries")}
+    assert lowest_version("1.1", root_only) == "1.3"
     unpack(st, tmp_path / "d.safetensors")
     with safe_open(str(tmp_path / "d.safetensors"), "np") as f:
         assert f.metadata() == {"format": "pt"}       # what transformers' loader checks

@@ -125,7 +125,12 @@ class Plan:
         }
         if attachments:     # absent, not empty: a store without any keeps its pre-1.3 bytes
             meta["attachments"] = attachments
-        meta["format_version"] = lowest_version(options.format_version, meta)
+        # what the incomplete root declares: the newest version the pack may need, 1.5
+        # where it may write bfloat16 bits (coded tensors' scales, bf16 dense data, §4.5)
+        may_need = options.format_version
+        if any(experts) or any(s.dtype == "bfloat16" for s in sources):
+            may_need = max(may_need, C.LOGICAL_DTYPE_SINCE, key=C.version_tuple)
+        meta["format_version"] = lowest_version(may_need, meta)
         return cls(sources, M.tensor_paths([s.name for s in sources]), experts,
                    [int(n) for n in left], meta, skipped)
 

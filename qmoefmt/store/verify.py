@@ -89,6 +89,9 @@ def _check_version(store: Store, used: set) -> list[Problem]:
         what += " and attachments (§14)"
     if store.source_metadata is not None:
         what += " and source.metadata (§4.4)"
+    if any(isinstance(d, dict) and "logical_dtype" in d
+           for r in store.meta.get("tensors") or [] for d in r["arrays"].values()):
+        what += " and logical dtypes in the index (§4.5)"
     return [Problem(str(store.path / C.ROOT_META),
                     f"format_version {store.format_version} is not {needed}, the lowest "
                     f"defining {what}, spec §3")]

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import codecs
 from ..dictionaries.tables import Dictionary
 from ..errors import QmoeError
 from ..format import constants as C
@@ -71,7 +72,9 @@ def _write_file(path: Path, data, durable: bool = False, mkdir: bool = True) -> 
 
 
 def write_array(root: Path, node: str, arr: np.ndarray, logical_dtype: str | None = None) -> dict:
-    """One array: its zarr.json and its single chunk. Returns its index descriptor."""
+    """One array: its zarr.json and its single chunk. Returns its index descriptor, which
+    records the logical dtype where the array's document declares one (since 1.5, spec
+    §4.5: the index alone then gives every document, §10). Dictionary arrays have none."""
     data_type = str(arr.dtype) if arr.dtype != np.bool_ else "bool"
     # np.require keeps a 0-d array 0-d (ascontiguousarray would make it 1-d)
     arr = np.require(arr, dtype=M.np_dtype(data_type), requirements="C")
@@ -87,13 +90,25 @@ def write_array(root: Path, node: str, arr: np.ndarray, logical_dtype: str | Non
         crc = M.crc32c(b"")
     _write_file(base / "zarr.json", M.array_doc(data_type, arr.shape, logical_dtype),
                 mkdir=False)
-    return {"data_type": data_type, "shape": list(arr.shape), "crc32c": crc}
+    desc = {"data_type": data_type, "shape": list(arr.shape), "crc32c": crc}
+    if logical_dtype:
+        desc["logical_dtype"] = logical_dtype
+    return desc
 
 
 def write_arrays(root: Path, tensor_path: str, arrays: dict) -> dict:
     """The worker's part: arrays = {name: (ndarray, logical_dtype or None)}."""
     return {name: write_array(root, f"{tensor_path}/{name}", a, ld)
             for name, (a, ld) in arrays.items()}
+
+
+def _logical_dtypes_as_written(record: dict) -> bool:
+    """Whether every descriptor of a finished tensor's record carries the logical dtype
+    its codec gives, and no other (what `write_array` records since 1.5)."""
+    unit = codecs.get(record["codec"])
+    return unit is not None and all(
+        desc.get("logical_dtype") == unit.logical_dtype(name, record["dtype"])
+        for name, desc in record["arrays"].items())
 
 
 def _shown(key: str, value) -> str:
@@ -163,7 +178,10 @@ class StoreWriter:
 
     # -- resume support -------------------------------------------------------------
     def finished_record(self, tensor_path: str) -> dict | None:
-        """The record of a tensor a previous run finished, if its files are intact."""
+        """The record of a tensor a previous run finished, if its files are intact and its
+        record is what this writer would write: one left by a writer before 1.5, whose
+        descriptors lack the logical dtypes its codec gives (spec §4.5), is redone, as an
+        uninterrupted pack would record them and a 1.5 store without them is refused."""
         doc_path = self.root / tensor_path / "zarr.json"
         if not doc_path.exists():
             return None
@@ -171,7 +189,10 @@ class StoreWriter:
             record = load_json(doc_path)["attributes"]["qmoefmt"]
             for name, desc in record["arrays"].items():
                 check_array_file(self.root, f"{tensor_path}/{name}", desc, check_crc=True)
-        except (QmoeError, KeyError, TypeError):
+            kept = _logical_dtypes_as_written(record)
+        except (QmoeError, KeyError, TypeError, AttributeError):
+            kept = False
+        if not kept:
             shutil.rmtree(self.root / tensor_path, ignore_errors=True)
             return None
         return record
@@ -209,11 +230,11 @@ class StoreWriter:
     def commit(self, records: list[dict]) -> None:
         used = {r["dictionary"] for r in records if "dictionary" in r}
         # The incomplete root declared the newest version the pack might need; the final
-        # one declares the lowest its codecs and root members need (spec §3).
+        # one declares the lowest its codecs, root members and index need (spec §3): 1.5
+        # where a descriptor records a logical dtype (§4.5).
         entries = [self.dictionaries[c] for c in sorted(used)]
-        version = needed_version({r["codec"] for r in records}, entries, self.meta)
-        meta = dict(self.meta, complete=True, format_version=version, dictionaries=entries,
-                    tensors=records)
+        meta = dict(self.meta, complete=True, dictionaries=entries, tensors=records)
+        meta["format_version"] = needed_version({r["codec"] for r in records}, entries, meta)
         doc = M.root_doc(meta)
         too_big = M.root_size_problem(doc)
         if too_big:
