@@ -21,10 +21,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 CONFIG_METADATA_KEY = "moe_config"
+# The dtype the weights are stored in ("float32", "bfloat16"); the model computes in float32.
+DTYPE_METADATA_KEY = "dtype"
 
 
 @dataclass(frozen=True)
@@ -157,11 +158,46 @@ class SwitchMoELM(nn.Module):
         return ce, aux
 
 
-def save_model(model: SwitchMoELM, path: str | Path, extra_metadata: dict[str, str] | None = None) -> None:
-    """fp32 safetensors with the config JSON in the header metadata."""
-    metadata = {CONFIG_METADATA_KEY: model.config.to_json(), **(extra_metadata or {})}
-    tensors = {k: v.detach().to(torch.float32).contiguous() for k, v in model.state_dict().items()}
-    save_file(tensors, str(path), metadata=metadata)
+def save_model(model: SwitchMoELM, path: str | Path, extra_metadata: dict[str, str] | None = None,
+               dtype: torch.dtype = torch.float32) -> None:
+    """Safetensors of the state dict with every floating tensor in `dtype` (rounded to
+    nearest even: `Tensor.to`), the config JSON and that dtype's name in the header
+    metadata. The bytes are a function of the weights and the metadata (its keys sorted;
+    safetensors' own save_file orders them by a hash map). :func:`load_model` upcasts
+    into the model's float32 parameters, so a bf16 file computes in float32."""
+    from ..io.checkpoint import dtype_of
+    from ..io.safetensors_writer import SafetensorsWriter
+
+    metadata = {CONFIG_METADATA_KEY: model.config.to_json(), DTYPE_METADATA_KEY: _dtype_name(dtype),
+                **(extra_metadata or {})}
+    tensors = {k: (v.detach().to(dtype) if v.is_floating_point() else v.detach()).cpu().contiguous()
+               for k, v in model.state_dict().items()}
+    arrays = {k: _numpy(t) for k, t in tensors.items()}
+    entries = [(k, dtype_of(a), a.shape) for k, a in arrays.items()]
+    with SafetensorsWriter(path, entries, dict(sorted(metadata.items()))) as w:
+        for k, a in arrays.items():
+            w.write(k, a)
+
+
+def round_weights(model: nn.Module, dtype: torch.dtype) -> None:
+    """Round every floating parameter and buffer to `dtype` in place, keeping its own
+    dtype: the model then computes with exactly the weights `save_model(..., dtype=dtype)`
+    writes."""
+    with torch.no_grad():
+        for t in [*model.parameters(), *model.buffers()]:
+            if t.is_floating_point():
+                t.copy_(t.to(dtype))
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _numpy(t: torch.Tensor) -> np.ndarray:
+    if t.dtype == torch.bfloat16:
+        import ml_dtypes
+        return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return t.numpy()
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:
@@ -170,7 +206,8 @@ def read_metadata(path: str | Path) -> dict[str, str]:
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> SwitchMoELM:
-    """Model in eval mode from a checkpoint written by :func:`save_model`."""
+    """Model in eval mode from a checkpoint written by :func:`save_model`, its parameters
+    float32 whatever the file's dtype (a bfloat16 file is upcast exactly)."""
     with safe_open(str(path), framework="pt", device=str(device)) as f:
         config = MoEConfig.from_json(f.metadata()[CONFIG_METADATA_KEY])
         state = {k: f.get_tensor(k) for k in f.keys()}

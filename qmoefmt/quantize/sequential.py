@@ -136,7 +136,8 @@ def sequential_calibrate(
     default for the grid), each layer calibrated on the model with the layers before it
     quantized. A "layer" is what `layer_key` says: by default each linear of the experts
     of one MoE layer (true-sequential: on the bundled model's 2-bit grid it took the loss
-    ratio from 0.245-0.253 to 0.236-0.237 over two seeds, for 2n passes instead of n);
+    ratio from 0.242-0.250 to 0.233-0.241 over two seeds, bench/quality.py on the bf16
+    model, 2026-12-02; for 2n passes instead of n);
     `default_layer_key` gives QMoE's whole-layer steps. `batches` is a re-iterable of model inputs (run as `model(batch)`) or a
     callable `run(model)`; it runs once per layer. `progress(done, layers, layer)` is called
     after each layer. Weights are written back in the model's dtype (exact for float32)."""
