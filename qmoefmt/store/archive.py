@@ -116,33 +116,45 @@ def order(keys) -> list[str]:
 def write_archive(src: Path, out: Path, progress=None) -> int:
     """The archive of the complete store directory `src`, written to `out` (through a
     temporary name, flushed, then renamed). Returns its size in bytes."""
-    files = {p.relative_to(src).as_posix(): p for p in src.rglob("*") if p.is_file()}
+    files, size_of = {}, {}
+    for top, _, names in os.walk(src):
+        rel = os.path.relpath(top, src).replace(os.sep, "/")
+        for n in names:
+            path = os.path.join(top, n)
+            try:
+                st = os.stat(path)
+            except OSError:
+                continue
+            if stat.S_ISREG(st.st_mode):        # what a file is to Path.is_file
+                key = n if rel == "." else f"{rel}/{n}"
+                files[key], size_of[key] = path, st.st_size
     keys = order(files)
-    sizes = [files[k].stat().st_size for k in keys]
+    sizes = [size_of[k] for k in keys]
     tmp = out.with_name(f"{out.name}.partial.{os.getpid()}")
     members = []
     try:
         with open(tmp, "wb") as f:
+            at = 0
             for key, size in zip(keys, sizes):
                 name = key.encode("utf-8")
-                at = f.tell()
-                f.write(_local(name, size, 0, at))
-                crc = 0
                 with open(files[key], "rb") as g:
-                    while block := g.read(1 << 22):
-                        crc = zlib.crc32(block, crc)
-                        f.write(block)
-                end = f.tell()
-                if end - at - size != len(_local(name, size, 0, at)):
-                    raise OSError(f"{files[key]}: changed while it was archived")
-                f.seek(at + 14)          # the CRC-32 field of the local header
-                f.write(struct.pack("<I", crc))
-                f.seek(end)
+                    if size <= WHOLE_MEMBER:
+                        # most members: read whole, so the header goes out with its CRC
+                        data = g.read(size + 1)
+                        if len(data) != size:
+                            raise OSError(f"{files[key]}: changed while it was archived")
+                        crc = zlib.crc32(data)
+                        f.write(_local(name, size, crc, at))
+                        f.write(data)
+                    else:
+                        crc = _copy_member(f, g, name, size, at, files[key])
+                at += len(_local(name, size, 0, at)) + size
                 members.append((name, size, crc))
                 if progress:
                     progress(1)
             _, cd_offset, tail = layout(members)
-            assert f.tell() == cd_offset
+            if f.tell() != cd_offset:
+                raise OSError(f"{src}: a file changed while it was archived")
             f.write(tail)
             f.flush()
             os.fsync(f.fileno())
@@ -151,6 +163,25 @@ def write_archive(src: Path, out: Path, progress=None) -> int:
         tmp.unlink(missing_ok=True)
         raise
     return out.stat().st_size
+
+
+WHOLE_MEMBER = 1 << 22      # members up to this size are read whole, larger ones in blocks
+
+
+def _copy_member(f, g, name: bytes, size: int, at: int, path: str) -> int:
+    """A member too large to hold: header, data in blocks, then its CRC written back."""
+    f.write(_local(name, size, 0, at))
+    crc = 0
+    while block := g.read(WHOLE_MEMBER):
+        crc = zlib.crc32(block, crc)
+        f.write(block)
+    end = f.tell()
+    if end - at - size != len(_local(name, size, 0, at)):
+        raise OSError(f"{path}: changed while it was archived")
+    f.seek(at + 14)          # the CRC-32 field of the local header
+    f.write(struct.pack("<I", crc))
+    f.seek(end)
+    return crc
 
 
 def extract_archive(archive: "Archive", out: Path, progress=None) -> int:
