@@ -8,19 +8,18 @@ that phase 1 interleaves rows to beat). One thread, cache-hot, medians, ns per c
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import numba as nb
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from runtime import experts  # noqa: E402  (the expert generator bench/runtime.py times)
+from _timing import median_time
+from runtime import experts  # the expert generator bench/runtime.py times
 
-from qmoefmt.backends import cpu_matmul as K  # noqa: E402
-from qmoefmt.dictionaries.stream import row_offsets  # noqa: E402
+from qmoefmt.backends import cpu_matmul as K
+from qmoefmt.dictionaries.stream import row_offsets
 
 L = K.LOCKSTEP_ROWS
 
@@ -60,16 +59,6 @@ def chain(codes, offsets, nxt):
     return acc
 
 
-def median_us(fn, reps: int) -> float:
-    fn()
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts) * 1e6
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rows", type=int, default=768)
@@ -94,7 +83,8 @@ def main() -> None:
                      ("phase 2 (row sums)",
                       lambda: phase2(words, offsets, args.cols, lb, k, table, lo, hi, y)),
                      ("chain alone, a row at a time", lambda: chain(codes, offsets, nxt))):
-        us = median_us(fn, args.reps)
+        fn()                                            # compile, fill the caches
+        us = median_time(fn, args.reps) * 1e6
         print(f"  {name:30} {us:9.1f} us  {us * 1e3 / n:5.1f} ns/codeword")
 
 

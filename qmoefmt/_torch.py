@@ -21,3 +21,13 @@ def require_torch(feature: str):
         why = "which is not installed" if missing else f"which failed to import ({first})"
         raise MissingExtraError(f"{feature} needs PyTorch, {why}; {INSTALL_HINT}") from None
     return torch
+
+
+def numpy_of(tensor):
+    """A CPU torch tensor's values as numpy, viewing its memory; bfloat16 (which numpy
+    lacks) as ml_dtypes.bfloat16, bit for bit."""
+    import torch
+    if tensor.dtype == torch.bfloat16:
+        import ml_dtypes
+        return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return tensor.numpy()

@@ -165,6 +165,7 @@ def save_model(model: SwitchMoELM, path: str | Path, extra_metadata: dict[str, s
     metadata. The bytes are a function of the weights and the metadata (its keys sorted;
     safetensors' own save_file orders them by a hash map). :func:`load_model` upcasts
     into the model's float32 parameters, so a bf16 file computes in float32."""
+    from .._torch import numpy_of
     from ..io.checkpoint import dtype_of
     from ..io.safetensors_writer import SafetensorsWriter
 
@@ -172,7 +173,7 @@ def save_model(model: SwitchMoELM, path: str | Path, extra_metadata: dict[str, s
                 **(extra_metadata or {})}
     tensors = {k: (v.detach().to(dtype) if v.is_floating_point() else v.detach()).cpu().contiguous()
                for k, v in model.state_dict().items()}
-    arrays = {k: _numpy(t) for k, t in tensors.items()}
+    arrays = {k: numpy_of(t) for k, t in tensors.items()}
     entries = [(k, dtype_of(a), a.shape) for k, a in arrays.items()]
     with SafetensorsWriter(path, entries, dict(sorted(metadata.items()))) as w:
         for k, a in arrays.items():
@@ -191,13 +192,6 @@ def round_weights(model: nn.Module, dtype: torch.dtype) -> None:
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
-
-
-def _numpy(t: torch.Tensor) -> np.ndarray:
-    if t.dtype == torch.bfloat16:
-        import ml_dtypes
-        return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-    return t.numpy()
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:

@@ -5,6 +5,7 @@ functions are their types.
 """
 from __future__ import annotations
 
+import functools
 import math
 import re
 
@@ -90,25 +91,19 @@ def check_arrays_index(arrays, where: str) -> None:
     if not isinstance(arrays, dict) or not arrays:
         raise FormatError(where, "arrays missing")
     for name, desc in arrays.items():
-        if name not in _ARRAY_NAMES_OK:
-            if not node_name_ok(name):
-                raise FormatError(where, f"bad array name {name!r}")
-            if len(_ARRAY_NAMES_OK) < 1024:
-                _ARRAY_NAMES_OK.add(name)
+        if not _array_name_ok(name):
+            raise FormatError(where, f"bad array name {name!r}")
         if (type(desc) is not dict or type(desc.get("data_type")) is not str
                 or type(desc.get("crc32c")) is not int):
             raise FormatError(where, f"array {name!r}: malformed descriptor")
         if "logical_dtype" in desc and desc["logical_dtype"] not in C.LOGICAL_DTYPES:
             raise FormatError(where, f"array {name!r}: logical_dtype {_brief(desc['logical_dtype'])} "
                                      f"is not one of {list(C.LOGICAL_DTYPES)} (spec §4.5)")
-        shape = desc.get("shape")
-        if (type(shape) is not list or len(shape) != 1 or type(shape[0]) is not int
-                or not 0 <= shape[0] <= MAX_ELEMENTS):
-            check_shape(shape, f"{where}: array {name!r}", "shape")
+        check_shape(desc.get("shape"), f"{where}: array {name!r}", "shape")
 
 
-# Array names already found good: a store repeats a handful of them in every record.
-_ARRAY_NAMES_OK: set[str] = set()
+# A store repeats a handful of array names in every record (names are dict keys: strings).
+_array_name_ok = functools.lru_cache(maxsize=1024)(node_name_ok)
 
 
 def _is_int(v) -> bool:

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from .._torch import require_torch
+from .._torch import numpy_of, require_torch
 from .checkpoint import _DTYPES, CheckpointError, Entry, unreadable
 
 
@@ -40,7 +40,7 @@ def torch_entries(path: str) -> list[Entry]:
             problem = f"unsupported dtype {tensor.dtype} / layout {tensor.layout}"
             entries.append(unreadable(name, path, shape, problem))
         else:
-            entries.append(Entry(name, path, shape, dtype, _torch_loader(torch, tensor, dtype)))
+            entries.append(Entry(name, path, shape, dtype, _torch_loader(tensor, dtype)))
     return entries
 
 
@@ -78,15 +78,12 @@ def _find_state_dict(obj: object, path: str, tensor_type: type) -> dict[Any, Any
     return obj
 
 
-def _torch_loader(torch: Any, tensor: Any, dtype: str) -> Callable[[], np.ndarray]:
+def _torch_loader(tensor: Any, dtype: str) -> Callable[[], np.ndarray]:
     # Saved nn.Parameters come back requiring grad, which .numpy() refuses.
     tensor = tensor.detach()
 
     def load() -> np.ndarray:
-        if dtype == "bfloat16":  # numpy has no bfloat16: reinterpret the bits
-            source = tensor.view(torch.int16).numpy().view(_DTYPES[dtype])
-        else:
-            source = tensor.numpy()
+        source = numpy_of(tensor)
         # Copy so the result owns its memory instead of pinning the file mapping.
         return np.array(source, dtype=_DTYPES[dtype], order="C", copy=True)
 

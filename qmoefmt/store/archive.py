@@ -144,11 +144,11 @@ def write_archive(src: Path, out: Path, progress=None) -> int:
                         if len(data) != size:
                             raise OSError(f"{files[key]}: changed while it was archived")
                         crc = zlib.crc32(data)
-                        f.write(_local(name, size, crc, at))
+                        head = f.write(_local(name, size, crc, at))
                         f.write(data)
                     else:
-                        crc = _copy_member(f, g, name, size, at, files[key])
-                at += len(_local(name, size, 0, at)) + size
+                        crc, head = _copy_member(f, g, name, size, at, files[key])
+                at += head + size
                 members.append((name, size, crc))
                 if progress:
                     progress(1)
@@ -168,20 +168,21 @@ def write_archive(src: Path, out: Path, progress=None) -> int:
 WHOLE_MEMBER = 1 << 22      # members up to this size are read whole, larger ones in blocks
 
 
-def _copy_member(f, g, name: bytes, size: int, at: int, path: str) -> int:
-    """A member too large to hold: header, data in blocks, then its CRC written back."""
-    f.write(_local(name, size, 0, at))
+def _copy_member(f, g, name: bytes, size: int, at: int, path: str) -> tuple[int, int]:
+    """A member too large to hold: header, data in blocks, then its CRC written back.
+    -> (its CRC-32, the header's length)."""
+    head = f.write(_local(name, size, 0, at))
     crc = 0
     while block := g.read(WHOLE_MEMBER):
         crc = zlib.crc32(block, crc)
         f.write(block)
     end = f.tell()
-    if end - at - size != len(_local(name, size, 0, at)):
+    if end - at - size != head:
         raise OSError(f"{path}: changed while it was archived")
     f.seek(at + 14)          # the CRC-32 field of the local header
     f.write(struct.pack("<I", crc))
     f.seek(end)
-    return crc
+    return crc, head
 
 
 def extract_archive(archive: "Archive", out: Path, progress=None) -> int:
