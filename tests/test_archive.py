@@ -120,12 +120,43 @@ def test_a_killed_pack_into_an_archive_resumes_to_the_same_bytes(tmp_path, at):
     (tmp_path / "src").mkdir()
     ckpt = checkpoint(tmp_path / "src" / "model.safetensors")
     options = {"experts": ["experts.*"], "dictionary": "qmoe-2023"}
-    writes = kill.counted_writes(ckpt, tmp_path / "ref.qmoe", options)
-    A.write_archive(tmp_path / "ref.qmoe", tmp_path / "ref.zip")
+    # the archive pack's own writes: it stages each tensor as one bundle
+    writes = kill.counted_writes(ckpt, tmp_path / "ref.zip", options)
+    assert any(w.startswith("bundles/") for w in writes)
     out = tmp_path / "o.qmoe.zip"
     assert kill.kill_at(ckpt, out, at % len(writes), "renaming", options) == -9
     assert not out.exists() and (tmp_path / "o.qmoe.zip.partial").is_dir()
     pack(ckpt, out, PackOptions(**options), resume=True)
+    assert out.read_bytes() == (tmp_path / "ref.zip").read_bytes()
+
+
+def test_an_archive_pack_resumes_loose_staging_and_damaged_bundles(tmp_path):
+    """Staging written file by file (by an earlier version, or a directory pack killed in
+    OUT.zip.partial) is taken over tensor by tensor; a damaged bundle is redone."""
+    (tmp_path / "src").mkdir()
+    ckpt = checkpoint(tmp_path / "src" / "model.safetensors")
+    options = {"experts": ["experts.*"], "dictionary": "qmoe-2023"}
+    opts = PackOptions(**options)
+    pack(ckpt, tmp_path / "ref.zip", opts)
+    out = tmp_path / "o.qmoe.zip"
+    loose = len(kill.counted_writes(ckpt, tmp_path / "count.qmoe", options))
+    assert kill.kill_at(ckpt, tmp_path / "o.qmoe.zip.partial", loose // 2, "before",
+                        options) == -9
+    s = pack(ckpt, out, opts, resume=True)
+    assert s.resumed_tensors > 0 and out.read_bytes() == (tmp_path / "ref.zip").read_bytes()
+
+    out.unlink()
+    bundled = kill.counted_writes(ckpt, tmp_path / "count.zip", options)
+    assert kill.kill_at(ckpt, out, len(bundled) - 2, "before", options) == -9
+    bundles = sorted((tmp_path / "o.qmoe.zip.partial" / "bundles").glob("*.zip"))
+    assert len(bundles) > 2
+    raw, ar = bytearray(bundles[1].read_bytes()), A.Archive(bundles[1])
+    raw[ar.data_offset(max(ar.members, key=lambda k: ar.members[k][1]))] ^= 1
+    del ar
+    bundles[1].write_bytes(bytes(raw))
+    bundles[2].write_bytes(bundles[2].read_bytes()[:100])
+    s = pack(ckpt, out, opts, resume=True)
+    assert s.resumed_tensors == len(bundles) - 2
     assert out.read_bytes() == (tmp_path / "ref.zip").read_bytes()
 
 

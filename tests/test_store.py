@@ -20,7 +20,7 @@ from qmoefmt import format as fmt
 from qmoefmt.errors import IncompleteStoreError
 from qmoefmt.store.summary import summarize
 from qmoefmt.pack import PackError, PackOptions, pack
-from qmoefmt.store.writer import StoreExistsError
+from qmoefmt.store.writer import StoreExistsError, write_arrays
 from qmoefmt.io.unpack import unpack
 from qmoefmt.store.verify import verify
 from qmoefmt.testing import conformance, paths
@@ -305,7 +305,7 @@ def counting_pack_tensor(monkeypatch, fail_at: int | None = None, after_write: b
         calls.append(prepared.record["name"])
         if fail_at is not None and len(calls) == fail_at:
             if after_write:
-                pack_mod.write_arrays(writer.root, prepared.record["path"], prepared.arrays)
+                write_arrays(writer.root, prepared.record["path"], prepared.arrays)
             raise Interrupt(f"interrupted at call {fail_at}")
         return real(writer, prepared)
 

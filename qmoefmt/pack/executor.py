@@ -21,8 +21,9 @@ from ..errors import QmoeError
 from ..format import constants as C
 from ..io.checkpoint import open_checkpoint
 from ..store.archive import store_root, write_archive
+from ..store.bundles import staged_members
 from ..store.files import read_root, tree_size
-from ..store.writer import StoreExistsError, StoreWriter, write_arrays
+from ..store.writer import StoreExistsError, StoreWriter
 from . import stages
 from .options import PackError, PackOptions
 from .plan import QUANTIZABLE, Plan, gptq_batches, known_fallbacks
@@ -65,7 +66,8 @@ def _check_resume(output_path, meta: dict) -> None:
 def staging(output_path) -> tuple[Path, Path | None]:
     """(the directory the writer writes, the archive made from it once complete, or None).
     An OUTPUT ending in .zip is the single-file form (spec §15): the store is written, and
-    resumed, in OUTPUT.partial/, archived at the end, and the directory removed."""
+    resumed, in OUTPUT.partial/ (each tensor's files in one bundle there), archived at the
+    end, and the directory removed."""
     out = Path(output_path)
     if out.suffix == ".zip":
         return out.with_name(out.name + ".partial"), out
@@ -166,9 +168,8 @@ class PackSummary:
 
 
 def write_tensor(writer: StoreWriter, prepared: stages.Prepared) -> None:
-    """The writer thread's work: a tensor's arrays, then its group (marking it done)."""
-    prepared.record["arrays"] = write_arrays(writer.root, prepared.record["path"], prepared.arrays)
-    writer.finish_tensor(prepared.record)
+    """The writer thread's work: a tensor's files, its group (or bundle) last, marking it done."""
+    writer.write_tensor(prepared.record, prepared.arrays)
 
 
 def _write_behind(failed: threading.Event, writer: StoreWriter, prepared: stages.Prepared) -> None:
@@ -233,7 +234,7 @@ def pack(input_path, output_path, options: PackOptions, resume: bool = False,
             summary.dictionaries = sorted(e["id"] for e in done["dictionaries"])
             summary.count_fallbacks(done["tensors"])
         else:
-            writer = StoreWriter(work, plan.meta, resume=resume)
+            writer = StoreWriter(work, plan.meta, resume=resume, bundled=archive is not None)
             try:
                 records = _run(plan, options, writer, calibration, resume, summary, progress)
                 summary.count_fallbacks(records)
@@ -244,7 +245,7 @@ def pack(input_path, output_path, options: PackOptions, resume: bool = False,
                 writer.close()
             summary.dictionaries = sorted(writer.dictionaries)
         if archive is not None:
-            write_archive(work, archive)
+            write_archive(work, archive, bundled=staged_members(work))
             shutil.rmtree(work)
     summary.skipped = [list(t) for t in plan.skipped]
     summary.attachments = [e["name"] for e in plan.meta.get("attachments", [])]

@@ -113,12 +113,23 @@ def order(keys) -> list[str]:
     return sorted(keys, key=lambda k: k.encode("utf-8", "surrogatepass"))
 
 
-def write_archive(src: Path, out: Path, progress=None) -> int:
-    """The archive of the complete store directory `src`, written to `out` (through a
-    temporary name, flushed, then renamed). Returns its size in bytes."""
-    files, size_of = {}, {}
-    for top, _, names in os.walk(src):
+def archive_bytes(members: dict[str, bytes]) -> bytes:
+    """The archive of in-memory members {key: bytes} (a staged tensor's files, one file
+    in place of seven: `bundles`)."""
+    keys = order(members)
+    entries = [(k.encode("utf-8"), len(members[k]), zlib.crc32(members[k])) for k in keys]
+    headers, _, tail = layout(entries)
+    return b"".join(itertools.chain.from_iterable(
+        (h, members[k]) for (_, h), k in zip(headers, keys))) + tail
+
+
+def _files(src: Path, skip: str | None) -> dict[str, tuple[str, int]]:
+    """key -> (path, size) of every regular file under `src`, but the top-level `skip`."""
+    files = {}
+    for top, dirs, names in os.walk(src):
         rel = os.path.relpath(top, src).replace(os.sep, "/")
+        if rel == "." and skip in dirs:
+            dirs.remove(skip)
         for n in names:
             path = os.path.join(top, n)
             try:
@@ -126,28 +137,49 @@ def write_archive(src: Path, out: Path, progress=None) -> int:
             except OSError:
                 continue
             if stat.S_ISREG(st.st_mode):        # what a file is to Path.is_file
-                key = n if rel == "." else f"{rel}/{n}"
-                files[key], size_of[key] = path, st.st_size
-    keys = order(files)
-    sizes = [size_of[k] for k in keys]
+                files[n if rel == "." else f"{rel}/{n}"] = (path, st.st_size)
+    return files
+
+
+def write_archive(src: Path, out: Path, progress=None, bundled: dict | None = None) -> int:
+    """The archive of the complete store directory `src`, written to `out` (through a
+    temporary name, flushed, then renamed). `bundled`: {key: (Archive, size)} of members
+    held in archives under the directory's top-level `bundles` folder, which is not a
+    member (how a pack into an archive stages its tensors). Returns its size in bytes."""
+    bundled = bundled or {}
+    files = _files(src, "bundles" if bundled else None)
+    both = files.keys() & bundled.keys()
+    if both:
+        raise OSError(f"{src}: {min(both)} is staged twice (a file and in a bundle)")
+    size_of = {k: size for k, (_, size) in files.items()}
+    size_of.update((k, size) for k, (_, size) in bundled.items())
+    keys = order(size_of)
     tmp = out.with_name(f"{out.name}.partial.{os.getpid()}")
     members = []
     try:
         with open(tmp, "wb") as f:
             at = 0
-            for key, size in zip(keys, sizes):
-                name = key.encode("utf-8")
-                with open(files[key], "rb") as g:
-                    if size <= WHOLE_MEMBER:
-                        # most members: read whole, so the header goes out with its CRC
-                        data = g.read(size + 1)
-                        if len(data) != size:
-                            raise OSError(f"{files[key]}: changed while it was archived")
-                        crc = zlib.crc32(data)
-                        head = f.write(_local(name, size, crc, at))
-                        f.write(data)
-                    else:
-                        crc, head = _copy_member(f, g, name, size, at, files[key])
+            for key in keys:
+                name, size = key.encode("utf-8"), size_of[key]
+                if key in bundled:
+                    ar = bundled[key][0]
+                    data = ar.map[ar.data_offset(key):][:size]
+                    crc = zlib.crc32(data)
+                    head = f.write(_local(name, size, crc, at))
+                    f.write(data)
+                else:
+                    path = files[key][0]
+                    with open(path, "rb") as g:
+                        if size <= WHOLE_MEMBER:
+                            # most members: read whole, so the header goes out with its CRC
+                            data = g.read(size + 1)
+                            if len(data) != size:
+                                raise OSError(f"{path}: changed while it was archived")
+                            crc = zlib.crc32(data)
+                            head = f.write(_local(name, size, crc, at))
+                            f.write(data)
+                        else:
+                            crc, head = _copy_member(f, g, name, size, at, path)
                 at += head + size
                 members.append((name, size, crc))
                 if progress:

@@ -3,7 +3,8 @@
 Division of labour, so packing can fan out over processes later: `write_arrays` touches
 only the arrays of one tensor and can run anywhere; everything else (group metadata,
 dictionaries, the root) is the coordinator's, i.e. `StoreWriter`'s. A tensor counts as
-done when its group zarr.json exists; the store counts as complete when the root says so.
+done when its group zarr.json exists (or, staging a pack into an archive, its bundle:
+`bundles`); the store counts as complete when the root says so.
 """
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ from ..dictionaries.tables import Dictionary
 from ..errors import QmoeError
 from ..format import constants as C
 from ..format import metadata as M
+from .archive import archive_bytes
+from .bundles import bundle_path, open_bundle
 from .files import check_array_file, load_json, read_root
 from .version import needed_version
 
@@ -71,28 +74,34 @@ def _write_file(path: Path, data, durable: bool = False, mkdir: bool = True) -> 
     os.replace(tmp, path)
 
 
-def write_array(root: Path, node: str, arr: np.ndarray, logical_dtype: str | None = None) -> dict:
-    """One array: its zarr.json and its single chunk. Returns its index descriptor, which
-    records the logical dtype where the array's document declares one (since 1.5, spec
-    §4.5: the index alone then gives every document, §10). Dictionary arrays have none."""
+def array_files(node: str, arr: np.ndarray, logical_dtype: str | None = None):
+    """One array's files: (its index descriptor, {key: bytes} of its chunk, if it has one,
+    and its zarr.json). The descriptor records the logical dtype where the array's
+    document declares one (since 1.5, spec §4.5: the index alone then gives every
+    document, §10). Dictionary arrays have none."""
     data_type = str(arr.dtype) if arr.dtype != np.bool_ else "bool"
     # np.require keeps a 0-d array 0-d (ascontiguousarray would make it 1-d)
     arr = np.require(arr, dtype=M.np_dtype(data_type), requirements="C")
-    base = root / node
-    chunk = base / M.chunk_key(arr.shape)
-    has_chunk = M.has_chunk(arr.shape)
-    os.makedirs(chunk.parent if has_chunk else base, exist_ok=True)   # one call for all dirs
-    if has_chunk:
+    files = {}
+    if M.has_chunk(arr.shape):
         view = memoryview(arr.reshape(-1).view(np.uint8))
-        _write_file(chunk, view, mkdir=False)
+        files[f"{node}/{M.chunk_key(arr.shape)}"] = view
         crc = M.crc32c(view)
     else:
         crc = M.crc32c(b"")
-    _write_file(base / "zarr.json", M.array_doc(data_type, arr.shape, logical_dtype),
-                mkdir=False)
+    files[f"{node}/zarr.json"] = M.array_doc(data_type, arr.shape, logical_dtype)
     desc = {"data_type": data_type, "shape": list(arr.shape), "crc32c": crc}
     if logical_dtype:
         desc["logical_dtype"] = logical_dtype
+    return desc, files
+
+
+def write_array(root: Path, node: str, arr: np.ndarray, logical_dtype: str | None = None) -> dict:
+    """One array's files written (the chunk first, its zarr.json last); its descriptor."""
+    desc, files = array_files(node, arr, logical_dtype)
+    os.makedirs((root / next(iter(files))).parent, exist_ok=True)   # one call for all dirs
+    for key, data in files.items():
+        _write_file(root / key, data, mkdir=False)
     return desc
 
 
@@ -100,6 +109,18 @@ def write_arrays(root: Path, tensor_path: str, arrays: dict) -> dict:
     """The worker's part: arrays = {name: (ndarray, logical_dtype or None)}."""
     return {name: write_array(root, f"{tensor_path}/{name}", a, ld)
             for name, (a, ld) in arrays.items()}
+
+
+def write_bundle(root: Path, record: dict, arrays: dict) -> None:
+    """The worker's part when staging for an archive: the tensor's arrays and group, one
+    bundle (`bundles`), written whole; sets the record's descriptors."""
+    members, descs = {}, {}
+    for name, (a, ld) in arrays.items():
+        descs[name], files = array_files(f"{record['path']}/{name}", a, ld)
+        members.update(files)
+    record["arrays"] = descs
+    members[f"{record['path']}/zarr.json"] = M.node_doc(record)
+    _write_file(bundle_path(root, record["path"]), archive_bytes(members))
 
 
 def _logical_dtypes_as_written(record: dict) -> bool:
@@ -126,8 +147,9 @@ class StoreWriter:
     """The coordinator. `StoreWriter(path, meta, resume=...)` starts (or picks up) a
     store whose root says complete: false until `commit`."""
 
-    def __init__(self, path, meta: dict, resume: bool = False):
+    def __init__(self, path, meta: dict, resume: bool = False, bundled: bool = False):
         self.root = Path(path)
+        self.bundled = bundled      # tensors staged as bundles, for an archive
         self.meta = {"format_version": C.FORMAT_VERSION, **meta}
         self.dictionaries: dict[str, dict] = {}
         root_meta = self.root / C.ROOT_META
@@ -182,18 +204,41 @@ class StoreWriter:
         record is what this writer would write: one left by a writer before 1.5, whose
         descriptors lack the logical dtypes its codec gives (spec §4.5), is redone, as an
         uninterrupted pack would record them and a 1.5 store without them is refused."""
+        found = self._finished_bundle(tensor_path) if self.bundled else None
+        if found is not None:
+            return found
         doc_path = self.root / tensor_path / "zarr.json"
         if not doc_path.exists():
+            if self.bundled:    # arrays a killed file-by-file writer left: the bundle redoes them
+                shutil.rmtree(self.root / tensor_path, ignore_errors=True)
             return None
+        return self._kept(self.root, tensor_path, lambda: shutil.rmtree(
+            self.root / tensor_path, ignore_errors=True))
+
+    def _finished_bundle(self, tensor_path: str) -> dict | None:
         try:
-            record = load_json(doc_path)["attributes"]["qmoefmt"]
+            root = open_bundle(self.root, tensor_path)
+        except QmoeError:
+            root = None
+            bundle_path(self.root, tensor_path).unlink(missing_ok=True)
+        if root is None:
+            return None
+        return self._kept(root, tensor_path,
+                          lambda: bundle_path(self.root, tensor_path).unlink(missing_ok=True))
+
+    @staticmethod
+    def _kept(root, tensor_path: str, remove) -> dict | None:
+        """The record of a tensor's files under `root` (a directory or a bundle), or
+        None, its files removed, when they are damaged or not what this writer writes."""
+        try:
+            record = load_json(root / tensor_path / "zarr.json")["attributes"]["qmoefmt"]
             for name, desc in record["arrays"].items():
-                check_array_file(self.root, f"{tensor_path}/{name}", desc, check_crc=True)
+                check_array_file(root, f"{tensor_path}/{name}", desc, check_crc=True)
             kept = _logical_dtypes_as_written(record)
         except (QmoeError, KeyError, TypeError, AttributeError):
             kept = False
         if not kept:
-            shutil.rmtree(self.root / tensor_path, ignore_errors=True)
+            remove()
             return None
         return record
 
@@ -222,6 +267,15 @@ class StoreWriter:
         for name, desc in entry["arrays"].items():
             check_array_file(self.root, f"{node}/{name}", desc, check_crc=True)
         self.dictionaries[cid] = entry
+
+    def write_tensor(self, record: dict, arrays: dict) -> None:
+        """The writer thread's work: a tensor's arrays, then its group, marking it done
+        (or, staging for an archive, its bundle); sets the record's descriptors."""
+        if self.bundled:
+            write_bundle(self.root, record, arrays)
+            return
+        record["arrays"] = write_arrays(self.root, record["path"], arrays)
+        self.finish_tensor(record)
 
     def finish_tensor(self, record: dict) -> None:
         """Marks one tensor done: its group metadata, written after all its arrays."""

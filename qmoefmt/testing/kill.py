@@ -46,13 +46,15 @@ def kill_at(ckpt: Path, out: Path, n: int, mode: str, options: dict) -> int:
 
 
 def counted_writes(ckpt: Path, out: Path, options: dict) -> list[str]:
-    """Packs `ckpt` into `out` uninterrupted; returns the files it wrote, in order."""
+    """Packs `ckpt` into `out` uninterrupted; returns the files it wrote (for an archive,
+    in its staging directory), in order."""
     from ..pack import PackOptions, pack
+    from ..pack.executor import staging
     from ..store import writer as W
-    writes, real = [], W._write_file
+    writes, real, work = [], W._write_file, staging(out)[0]
 
     def counting(path, *a, **kw):
-        writes.append(Path(path).relative_to(out).as_posix())
+        writes.append(Path(path).relative_to(work).as_posix())
         return real(path, *a, **kw)
     W._write_file = counting
     try:
