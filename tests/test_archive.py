@@ -155,8 +155,12 @@ def test_an_archive_pack_resumes_loose_staging_and_damaged_bundles(tmp_path):
     del ar
     bundles[1].write_bytes(bytes(raw))
     bundles[2].write_bytes(bundles[2].read_bytes()[:100])
+    ar = A.Archive(bundles[3])      # a member outside its tensor's node
+    members = {k: ar.view(k).tobytes() for k in ar.members}
+    del ar
+    bundles[3].write_bytes(A.archive_bytes({**members, "zarr.json": b"{}"}))
     s = pack(ckpt, out, opts, resume=True)
-    assert s.resumed_tensors == len(bundles) - 2
+    assert s.resumed_tensors == len(bundles) - 3
     assert out.read_bytes() == (tmp_path / "ref.zip").read_bytes()
 
 

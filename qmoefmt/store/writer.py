@@ -206,6 +206,8 @@ class StoreWriter:
         uninterrupted pack would record them and a 1.5 store without them is refused."""
         found = self._finished_bundle(tensor_path) if self.bundled else None
         if found is not None:
+            # the bundle holds the tensor: any files of it beside would be staged twice
+            shutil.rmtree(self.root / tensor_path, ignore_errors=True)
             return found
         doc_path = self.root / tensor_path / "zarr.json"
         if not doc_path.exists():
@@ -223,8 +225,11 @@ class StoreWriter:
             bundle_path(self.root, tensor_path).unlink(missing_ok=True)
         if root is None:
             return None
-        return self._kept(root, tensor_path,
-                          lambda: bundle_path(self.root, tensor_path).unlink(missing_ok=True))
+        drop = lambda: bundle_path(self.root, tensor_path).unlink(missing_ok=True)  # noqa: E731
+        if not all(k.startswith(f"{tensor_path}/") for k in root.archive.members):
+            drop()      # a member of another node: not what this writer writes
+            return None
+        return self._kept(root, tensor_path, drop)
 
     @staticmethod
     def _kept(root, tensor_path: str, remove) -> dict | None:
