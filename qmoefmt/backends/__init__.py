@@ -3,6 +3,10 @@
 `qmoefmt.testing.backends.DecodeBackendTests`."""
 from __future__ import annotations
 
+import ctypes
+import os
+import sys
+
 import numba
 
 from .base import DecodeBackend
@@ -14,6 +18,21 @@ from .base import DecodeBackend
 # else workqueue, which does not: install tbb for that. NUMBA_THREADING_LAYER still rules.
 if numba.config.THREADING_LAYER == "default":
     numba.config.THREADING_LAYER = "forksafe"
+
+
+def _preload_tbb() -> None:
+    """The tbb wheel puts libtbb in the environment's lib/, where Numba's TBB layer (no
+    RPATH) does not look, so it silently fell back to workqueue; loaded here, it is found."""
+    lib = os.path.join(sys.prefix, "lib", "libtbb.so.12")
+    if sys.platform.startswith("linux") and os.path.exists(lib):
+        try:
+            ctypes.CDLL(lib, mode=ctypes.RTLD_GLOBAL)
+        except OSError:
+            pass        # an unusable copy: Numba falls back to workqueue, as without one
+
+
+if numba.config.THREADING_LAYER in ("forksafe", "tbb"):
+    _preload_tbb()
 
 DEFAULT = "numba"
 _BACKENDS: dict[str, DecodeBackend] = {}
