@@ -31,7 +31,7 @@ def _preload_tbb() -> None:
             pass        # an unusable copy: Numba falls back to workqueue, as without one
 
 
-if numba.config.THREADING_LAYER in ("forksafe", "tbb"):
+if numba.config.THREADING_LAYER in ("forksafe", "threadsafe", "tbb"):
     _preload_tbb()
 
 DEFAULT = "numba"

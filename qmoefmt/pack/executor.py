@@ -20,8 +20,8 @@ from pathlib import Path
 from ..errors import QmoeError
 from ..format import constants as C
 from ..io.checkpoint import open_checkpoint
-from ..store.archive import store_root, write_archive
-from ..store.bundles import staged_members
+from ..store.archive import store_root
+from ..store.bundles import archive_staging
 from ..store.files import read_root, tree_size
 from ..store.writer import StoreExistsError, StoreWriter
 from . import stages
@@ -245,7 +245,7 @@ def pack(input_path, output_path, options: PackOptions, resume: bool = False,
                 writer.close()
             summary.dictionaries = sorted(writer.dictionaries)
         if archive is not None:
-            write_archive(work, archive, bundled=staged_members(work))
+            archive_staging(work, archive)
             shutil.rmtree(work)
     summary.skipped = [list(t) for t in plan.skipped]
     summary.attachments = [e["name"] for e in plan.meta.get("attachments", [])]

@@ -141,18 +141,19 @@ def _files(src: Path, skip: str | None) -> dict[str, tuple[str, int]]:
     return files
 
 
-def write_archive(src: Path, out: Path, progress=None, bundled: dict | None = None) -> int:
+def write_archive(src: Path, out: Path, progress=None, bundled: dict | None = None,
+                  skip: str | None = None) -> int:
     """The archive of the complete store directory `src`, written to `out` (through a
-    temporary name, flushed, then renamed). `bundled`: {key: (Archive, size)} of members
-    held in archives under the directory's top-level `bundles` folder, which is not a
-    member (how a pack into an archive stages its tensors). Returns its size in bytes."""
+    temporary name, flushed, then renamed), but its top-level folder `skip`. `bundled`:
+    {key: Archive} of members held in other archives (how a pack into an archive stages
+    its tensors: `bundles`). Returns its size in bytes."""
     bundled = bundled or {}
-    files = _files(src, "bundles" if bundled else None)
+    files = _files(src, skip)
     both = files.keys() & bundled.keys()
     if both:
         raise OSError(f"{src}: {min(both)} is staged twice (a file and in a bundle)")
     size_of = {k: size for k, (_, size) in files.items()}
-    size_of.update((k, size) for k, (_, size) in bundled.items())
+    size_of.update((k, ar.members[k][1]) for k, ar in bundled.items())
     keys = order(size_of)
     tmp = out.with_name(f"{out.name}.partial.{os.getpid()}")
     members = []
@@ -162,7 +163,7 @@ def write_archive(src: Path, out: Path, progress=None, bundled: dict | None = No
             for key in keys:
                 name, size = key.encode("utf-8"), size_of[key]
                 if key in bundled:
-                    ar = bundled[key][0]
+                    ar = bundled[key]
                     data = ar.map[ar.data_offset(key):][:size]
                     crc = zlib.crc32(data)
                     head = f.write(_local(name, size, crc, at))

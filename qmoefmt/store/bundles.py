@@ -11,7 +11,7 @@ import hashlib
 import os
 from pathlib import Path
 
-from .archive import Archive, ArchivePath
+from .archive import Archive, write_archive
 
 BUNDLES = "bundles"
 _SUFFIX = ".zip"
@@ -23,15 +23,9 @@ def bundle_path(root: Path, tensor_path: str) -> Path:
     return root / BUNDLES / f"{digest}{_SUFFIX}"
 
 
-def open_bundle(root: Path, tensor_path: str) -> ArchivePath | None:
-    """The bundle's members as a store root, or None when there is none."""
-    path = bundle_path(root, tensor_path)
-    return ArchivePath(Archive(path), "") if path.is_file() else None
-
-
-def staged_members(root: Path) -> dict[str, tuple[Archive, int]]:
-    """key -> (its bundle, size) of every member of every bundle under `root`."""
-    out: dict[str, tuple[Archive, int]] = {}
+def staged_members(root: Path) -> dict[str, Archive]:
+    """key -> its bundle, for every member of every bundle under `root`."""
+    out: dict[str, Archive] = {}
     folder = root / BUNDLES
     if not folder.is_dir():
         return out
@@ -39,8 +33,13 @@ def staged_members(root: Path) -> dict[str, tuple[Archive, int]]:
         if not name.endswith(_SUFFIX):
             continue            # a killed writer's temporary file
         ar = Archive(folder / name)
-        for key, (_, size, _) in ar.members.items():
+        for key in ar.members:
             if key in out:
                 raise OSError(f"{folder / name}: {key} is in two bundles")
-            out[key] = (ar, size)
+            out[key] = ar
     return out
+
+
+def archive_staging(root: Path, out: Path) -> int:
+    """The archive of a complete staging directory: its files and its bundles' members."""
+    return write_archive(root, out, bundled=staged_members(root), skip=BUNDLES)

@@ -21,8 +21,8 @@ from ..dictionaries.tables import Dictionary
 from ..errors import QmoeError
 from ..format import constants as C
 from ..format import metadata as M
-from .archive import archive_bytes
-from .bundles import bundle_path, open_bundle
+from .archive import Archive, ArchivePath, archive_bytes
+from .bundles import bundle_path
 from .files import check_array_file, load_json, read_root
 from .version import needed_version
 
@@ -218,18 +218,18 @@ class StoreWriter:
             self.root / tensor_path, ignore_errors=True))
 
     def _finished_bundle(self, tensor_path: str) -> dict | None:
+        path = bundle_path(self.root, tensor_path)
+        if not path.is_file():
+            return None
         try:
-            root = open_bundle(self.root, tensor_path)
+            root = ArchivePath(Archive(path), "")
         except QmoeError:
-            root = None
-            bundle_path(self.root, tensor_path).unlink(missing_ok=True)
-        if root is None:
+            path.unlink(missing_ok=True)
             return None
-        drop = lambda: bundle_path(self.root, tensor_path).unlink(missing_ok=True)  # noqa: E731
         if not all(k.startswith(f"{tensor_path}/") for k in root.archive.members):
-            drop()      # a member of another node: not what this writer writes
+            path.unlink(missing_ok=True)    # a member of another node: not this writer's
             return None
-        return self._kept(root, tensor_path, drop)
+        return self._kept(root, tensor_path, lambda: path.unlink(missing_ok=True))
 
     @staticmethod
     def _kept(root, tensor_path: str, remove) -> dict | None:
